@@ -1,0 +1,170 @@
+"""End to end: train, resume, evaluate; checkpoints; errors on bad input. Tiny synthetic data on the CPU."""
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+import train
+from tests.conftest import TINY_TRAIN, run_script
+from train_utils.errors import UserError
+from train_utils.train_and_eval import NonFiniteLossError
+
+
+def parse(*argv):
+    return train.parse_args(train.get_args_parser(), [str(a) for a in argv])
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_resume_and_test_only(drive_root, tmp_path):
+    out = tmp_path / "run"
+    r = run_script("train.py", "--data-path", drive_root, "--output-dir", out, "--epochs", 3, "--stop-epoch", 1,
+                   *TINY_TRAIN)
+    assert r.returncode == 0, r.stderr
+    assert "dice coefficient: " in r.stdout and "global correct" in r.stdout and "mean IoU" in r.stdout
+    assert "using cpu device" in r.stdout
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert set(ckpt) >= {"model", "optimizer", "lr_scheduler", "epoch", "best_dice", "args"}
+    assert ckpt["epoch"] == 1 and isinstance(ckpt["args"], dict)
+    assert ckpt["args"]["base_c"] == 4 and ckpt["args"]["model"] == "unet" and ckpt["args"]["num_classes"] == 1
+    assert len(ckpt["args"]["mean"]) == 3
+    best = torch.load(out / "best_model.pth", weights_only=True)
+    log = read_log(out)
+    assert [rec["epoch"] for rec in log] == [0, 1]
+    assert ckpt["best_dice"] == pytest.approx(max(rec["dice"] for rec in log))
+    assert best["best_dice"] == pytest.approx(ckpt["best_dice"])
+
+    r = run_script("train.py", "--data-path", drive_root, "--output-dir", out, "--epochs", 3,
+                   "--resume", out / "checkpoint.pth", *TINY_TRAIN)
+    assert r.returncode == 0, r.stderr
+    assert f"best dice {ckpt['best_dice']:.3f}" in r.stdout  # best dice restored, not reset to 0
+    assert "Epoch: [2]" in r.stdout and "Epoch: [1]" not in r.stdout
+    log = read_log(out)
+    assert [rec["epoch"] for rec in log] == [0, 1, 2]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 2
+    results = [f for f in os.listdir(out) if f.startswith("results")]
+    assert results and all("dice coefficient:" in open(out / f).read() for f in results)
+
+    # --test-only on the last checkpoint reproduces the last validation.
+    r = run_script("train.py", "--data-path", drive_root, "--test-only", "--resume", out / "checkpoint.pth",
+                   *TINY_TRAIN)
+    assert r.returncode == 0, r.stderr
+    assert f"dice coefficient: {log[-1]['dice']:.3f}" in r.stdout
+    assert f"global correct: {log[-1]['global_correct']:.1f}" in r.stdout
+    assert "sensitivity:" in r.stdout and "auc:" in r.stdout
+    assert "(" not in r.stdout.split("dice coefficient:")[1].splitlines()[0]  # not a tuple (reference bug 3)
+
+
+def test_resume_is_exact(drive_root, tmp_path):
+    """Stopped after epoch 0 and resumed, a seeded CPU run ends with the same weights as one straight run."""
+    common = ["--data-path", drive_root, "--epochs", 2, "--deterministic", *TINY_TRAIN]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train.main(parse(*common, "--output-dir", straight))
+    train.main(parse(*common, "--output-dir", split, "--stop-epoch", 0))
+    train.main(parse(*common, "--output-dir", split, "--resume", split / "checkpoint.pth"))
+    a = torch.load(straight / "checkpoint.pth", weights_only=True)
+    b = torch.load(split / "checkpoint.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 1
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert read_log(straight)[-1]["train_loss"] == read_log(split)[-1]["train_loss"]
+
+
+def test_demo_flag_sets_cpu_sized_defaults():
+    args = parse("--demo", "--epochs", "1")
+    assert args.epochs == 1 and args.data_path == train.DEMO_DEFAULTS["data_path"]
+    assert args.base_c == train.DEMO_DEFAULTS["base_c"] and args.device == "cpu"
+    assert parse().epochs == 200 and parse().base_c == 32  # the tutorial's defaults otherwise
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--num-classes", "0"], "--num-classes must be at least 1"),
+    (["-b", "9"], "--batch-size 9 is larger than the 4 training images"),
+    (["--device", "cuda:0"], "CUDA is not available"),
+    (["--test-only"], "--test-only needs the weights"),
+])
+def test_bad_arguments_are_user_errors(drive_root, tmp_path, argv, message):
+    if "cuda" in argv[-1] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    args = parse("--data-path", drive_root, "--output-dir", tmp_path, *TINY_TRAIN, *argv)
+    with pytest.raises(UserError, match=message):
+        train.main(args)
+
+
+def test_bad_paths_are_user_errors(drive_root, tmp_path):
+    base = ["--epochs", "1", *TINY_TRAIN]
+    with pytest.raises(UserError, match="must name the folder that holds DRIVE"):
+        train.main(parse("--data-path", tmp_path / "none", "--output-dir", tmp_path / "o", *base))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="cannot write to --output-dir"):
+        train.main(parse("--data-path", drive_root, "--output-dir", blocker / "sub", *base))
+    not_ckpt = tmp_path / "notes.pth"
+    not_ckpt.write_text("hello")
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
+        train.main(parse("--data-path", drive_root, "--output-dir", tmp_path / "o", "--resume", not_ckpt, *base))
+    torch.save({"weights": [1, 2]}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match="not a checkpoint of this project"):
+        train.main(parse("--data-path", drive_root, "--output-dir", tmp_path / "o",
+                         "--resume", tmp_path / "other.pth", *base))
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_that_runs_code_is_refused(drive_root, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {}, "args": {}, "payload": _Exploit(str(marker))}, evil)
+    with pytest.raises(UserError, match="refusing to load"):
+        train.main(parse("--data-path", drive_root, "--test-only", "--resume", evil, *TINY_TRAIN))
+    assert not marker.exists()
+    # The raw pickle protocol route too (a file that is not a zip archive).
+    raw = tmp_path / "raw.pth"
+    with open(raw, "wb") as f:
+        pickle.dump(_Exploit(str(marker)), f)
+    with pytest.raises(UserError):
+        train.main(parse("--data-path", drive_root, "--test-only", "--resume", raw, *TINY_TRAIN))
+    assert not marker.exists()
+
+
+def test_checkpoint_for_another_model_is_a_clear_error(drive_root, tmp_path):
+    out = tmp_path / "run"
+    train.main(parse("--data-path", drive_root, "--output-dir", out, "--epochs", 1, *TINY_TRAIN))
+    with pytest.raises(UserError, match="another model: base_c 4 .asked for 8."):
+        train.main(parse("--data-path", drive_root, "--test-only", "--resume", out / "best_model.pth",
+                         *TINY_TRAIN, "--base-c", "8"))
+    with pytest.raises(UserError, match="classes incl. background 2 .asked for 3."):
+        train.main(parse("--data-path", drive_root, "--test-only", "--resume", out / "best_model.pth",
+                         *TINY_TRAIN, "--num-classes", "2"))
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(drive_root, tmp_path):
+    out = tmp_path / "run"
+    common = ["--data-path", drive_root, "--output-dir", out, *TINY_TRAIN]
+    train.main(parse(*common, "--epochs", 1))
+    before = (out / "checkpoint.pth").read_bytes()
+    # A diverging run into the same folder stops at once and leaves the earlier run's files alone.
+    with pytest.raises(NonFiniteLossError, match=r"at epoch 0, step \d"):
+        train.main(parse(*common, "--epochs", 3, "--lr", "1e30"))
+    assert (out / "checkpoint.pth").read_bytes() == before
+    torch.load(out / "checkpoint.pth", weights_only=True)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = run_script("train.py", "--data-path", tmp_path, "--device", "cpu")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "DRIVE" in lines[0], r.stderr
+    r = run_script("train.py", "--amp", "False")  # type=bool made this turn AMP *on*
+    assert r.returncode == 2 and "unrecognized arguments: False" in r.stderr

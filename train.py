@@ -1,0 +1,309 @@
+"""Train the U-Net on DRIVE on one process (CPU or one GPU); ``train_multi_GPU.py`` runs the same loop under DDP.
+
+    python train.py --demo                                   # synthetic sample, CPU-sized, end to end
+    python train.py --data-path /data --num-classes 1 --epochs 200
+    python train.py --data-path /data --resume save_weights/checkpoint.pth   # continue
+    python train.py --data-path /data --test-only --resume save_weights/best_model.pth
+"""
+import argparse
+import datetime
+import io
+import json
+import os
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
+
+import src
+from my_dataset import DriveDataset, ensure_synthetic_drive
+from train_utils import distributed_utils as utils
+from train_utils.checkpoint import (check_same_model, load_checkpoint, load_model_state, model_kwargs,
+                                    plain_args, rng_state, save_checkpoint, set_rng_state)
+from train_utils.errors import UserError, run_cli
+from train_utils.train_and_eval import autocast_dtype, create_lr_scheduler, evaluate, train_one_epoch
+from train_utils.transforms import BASE_SIZE, CROP_SIZE, DRIVE_MEAN, DRIVE_STD, get_transform
+from train_utils.vessel_metrics import VesselMetrics
+
+# ``--demo``: a run small enough for a laptop CPU that still learns the synthetic vessels.
+# Flags given on the command line win over these.
+DEMO_DEFAULTS = dict(data_path="data/synthetic", output_dir="save_weights/demo", epochs=12, crop_size=96,
+                     base_size=128, base_c=16, batch_size=4, print_freq=5, device="cpu")
+DEMO_DATA = dict(num_train=12, num_test=4, height=128, width=124, seed=0)
+
+
+def get_args_parser(add_help=True):
+    parser = argparse.ArgumentParser(description="PyTorch U-Net training on DRIVE", add_help=add_help)
+    parser.add_argument("--data-path", default="./", help="folder that holds DRIVE/")
+    parser.add_argument("--num-classes", default=1, type=int, help="foreground classes (background excluded)")
+    parser.add_argument("--model", default="unet", choices=src.MODEL_NAMES)
+    parser.add_argument("--base-c", default=32, type=int, help="U-Net width (channels of the first stage)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
+    parser.add_argument("-b", "--batch-size", default=4, type=int, help="images per step (per process under DDP)")
+    parser.add_argument("--epochs", default=200, type=int, metavar="N", help="number of total epochs to train")
+    parser.add_argument("-j", "--workers", default=None, type=int,
+                        help="data-loading worker processes (default: min(cpus, batch size, 8))")
+    parser.add_argument("--lr", default=0.01, type=float, help="initial learning rate")
+    parser.add_argument("--momentum", default=0.9, type=float)
+    parser.add_argument("--wd", "--weight-decay", default=1e-4, type=float, dest="weight_decay")
+    parser.add_argument("--print-freq", default=1, type=int, help="print every N steps")
+    parser.add_argument("--output-dir", default="save_weights", help="checkpoints and logs go here")
+    parser.add_argument("--resume", default="", help="checkpoint to resume from (or to evaluate with --test-only)")
+    parser.add_argument("--start-epoch", "--start_epoch", default=0, type=int, metavar="N",
+                        help="first epoch (overridden by --resume)")
+    parser.add_argument("--save-best", "--save_best", default=True, action=argparse.BooleanOptionalAction,
+                        help="keep best_model.pth (best validation dice); --no-save-best keeps model_N.pth "
+                             "of every epoch instead")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision: float16 on CUDA (see --amp-dtype), bfloat16 on the CPU")
+    parser.add_argument("--amp-dtype", default=None, choices=["float16", "bfloat16"])
+    parser.add_argument("--crop-size", default=CROP_SIZE, type=int, help="training crop (pixels)")
+    parser.add_argument("--base-size", default=BASE_SIZE, type=int,
+                        help="random resize of the shorter side to [0.5, 1.2] x this")
+    parser.add_argument("--mean", default=None, type=float, nargs=3, help=f"default {DRIVE_MEAN}")
+    parser.add_argument("--std", default=None, type=float, nargs=3, help=f"default {DRIVE_STD}")
+    parser.add_argument("--pretrained-backbone", default="", metavar="PATH",
+                        help="local torchvision ImageNet weight file for the vgg16/mobilenet encoder")
+    parser.add_argument("--seed", default=None, type=int, help="seed every random generator")
+    parser.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only")
+    parser.add_argument("--channels-last", default=True, action=argparse.BooleanOptionalAction,
+                        help="NHWC memory format (faster convolutions)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--stop-epoch", default=None, type=int, metavar="N",
+                        help="stop after epoch N of the --epochs schedule (e.g. a time-limited job); "
+                             "--resume checkpoint.pth continues it")
+    parser.add_argument("--test-only", action="store_true", help="only evaluate (the weights of --resume)")
+    parser.add_argument("--demo", action="store_true",
+                        help="write a small synthetic DRIVE-format sample (if absent) and train on it on the CPU")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def parse_args(parser, argv=None):
+    """Parse, with ``--demo`` changing the defaults (explicit flags still win)."""
+    pre, _ = parser.parse_known_args(argv)
+    if pre.demo:
+        parser.set_defaults(**DEMO_DEFAULTS)
+    return parser.parse_args(argv)
+
+
+def create_model(num_classes, base_c=32, model="unet", pretrained_backbone=""):
+    """The model for ``num_classes`` outputs (background included)."""
+    net = src.build_model(model=model, num_classes=num_classes, in_channels=3, base_c=base_c)
+    if pretrained_backbone:
+        src.load_backbone_weights(net, pretrained_backbone)
+    return net
+
+
+def check_args(args):
+    """Reject impossible settings before any work starts."""
+    for name in ("num_classes", "batch_size", "epochs", "crop_size", "base_size", "base_c", "print_freq"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if args.workers is not None and args.workers < 0:
+        raise UserError("--workers must be >= 0")
+    if args.test_only and not args.resume:
+        raise UserError("--test-only needs the weights to evaluate: --resume PATH")
+    if args.std is not None and min(args.std) <= 0:
+        raise UserError("--std values must be positive")
+
+
+def prepare_output_dir(path):
+    """Create ``path`` and prove it is writable, before hours of training depend on it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to --output-dir '{path}': {e.strerror or e}") from None
+
+
+def seed_everything(seed):
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def main(args):
+    check_args(args)
+    utils.init_distributed_mode(args)
+    device = utils.resolve_device(args.device, local_rank=args.gpu)
+    print(f"using {device.type} device" + (f" {device}" if device.type == "cuda" else "")
+          + (f", {args.world_size} processes ({args.dist_backend})" if args.distributed else ""))
+    print(args)
+    if args.seed is not None:
+        seed_everything(args.seed + args.rank)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    if args.mean is None:
+        args.mean = list(src.IMAGENET_MEAN if args.pretrained_backbone else DRIVE_MEAN)
+    if args.std is None:
+        args.std = list(src.IMAGENET_STD if args.pretrained_backbone else DRIVE_STD)
+    num_classes = args.num_classes + 1  # background + foreground classes
+
+    if args.demo and utils.is_main_process():
+        ensure_synthetic_drive(args.data_path, **DEMO_DATA)
+    if args.distributed:
+        torch.distributed.barrier()
+    if utils.is_main_process() and not args.test_only:
+        prepare_output_dir(args.output_dir)
+
+    val_dataset = DriveDataset(args.data_path, train=False, transforms=get_transform(False, args.mean, args.std))
+    train_dataset = None
+    if not args.test_only:
+        train_dataset = DriveDataset(args.data_path, train=True, transforms=get_transform(
+            True, args.mean, args.std, base_size=args.base_size, crop_size=args.crop_size))
+        per_process = len(train_dataset) // args.world_size
+        if args.batch_size > per_process:
+            raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_dataset)} training images"
+                            + (f" split over {args.world_size} processes" if args.distributed else ""))
+
+    num_workers = args.workers if args.workers is not None else min(os.cpu_count() or 1, args.batch_size, 8)
+    if args.batch_size == 1 and args.workers is None:
+        num_workers = 0
+    pin = device.type == "cuda"
+    if args.distributed:
+        train_sampler = DistributedSampler(train_dataset, shuffle=True, seed=args.seed or 0) if train_dataset else None
+        val_sampler = utils.ShardedEvalSampler(val_dataset)
+    else:
+        train_sampler = RandomSampler(train_dataset) if train_dataset else None
+        val_sampler = SequentialSampler(val_dataset)
+    val_loader = DataLoader(val_dataset, batch_size=1, sampler=val_sampler, num_workers=min(num_workers, 2),
+                            pin_memory=pin, collate_fn=DriveDataset.collate_fn)
+
+    model = create_model(num_classes, args.base_c, args.model, args.pretrained_backbone).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.distributed and getattr(args, "sync_bn", False):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    run_model = torch.compile(model) if args.compile else model
+
+    amp_dtype = autocast_dtype(device, getattr(torch, args.amp_dtype) if (args.amp and args.amp_dtype) else args.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    params_to_optimize = [p for p in model_without_ddp.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params_to_optimize, lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    train_loader = None
+    if train_dataset is not None:
+        train_loader = DataLoader(train_dataset, batch_size=args.batch_size, sampler=train_sampler,
+                                  num_workers=num_workers, pin_memory=pin, collate_fn=DriveDataset.collate_fn)
+        lr_scheduler = create_lr_scheduler(optimizer, len(train_loader), args.epochs, warmup=True)
+
+    best_dice = 0.0
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume, map_location="cpu")
+        check_same_model(checkpoint.get("args", {}), vars(args), args.resume)
+        load_model_state(model_without_ddp, checkpoint["model"], args.resume)
+        if not args.test_only:
+            if "optimizer" not in checkpoint or "epoch" not in checkpoint:
+                raise UserError(f"'{args.resume}' holds weights only (no optimizer state or epoch); "
+                                "use it with --test-only or predict.py, or resume from checkpoint.pth")
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            if "scaler" in checkpoint and scaler.is_enabled():
+                scaler.load_state_dict(checkpoint["scaler"])
+            args.start_epoch = checkpoint["epoch"] + 1
+            best_dice = float(checkpoint.get("best_dice", 0.0))
+            rng = checkpoint.get("rng")
+            if rng and len(rng) == args.world_size:
+                set_rng_state(rng[args.rank])
+        print(f"loaded '{args.resume}' (epoch {checkpoint.get('epoch', '?')}, best dice {best_dice:.3f})")
+
+    if args.test_only:
+        report_validation(run_model, val_loader, device, num_classes, amp_dtype, args)
+        return
+
+    results_file = os.path.join(args.output_dir, "results{}.txt".format(
+        datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
+    log_file = os.path.join(args.output_dir, "log.jsonl")
+    start_time = time.time()
+    last_epoch = args.epochs if args.stop_epoch is None else min(args.epochs, args.stop_epoch + 1)
+    for epoch in range(args.start_epoch, last_epoch):
+        if args.distributed:
+            train_sampler.set_epoch(epoch)
+        epoch_start = time.time()
+        mean_loss, lr = train_one_epoch(run_model, optimizer, train_loader, device, epoch, num_classes,
+                                        lr_scheduler=lr_scheduler, print_freq=args.print_freq, scaler=scaler,
+                                        amp_dtype=amp_dtype, channels_last=args.channels_last)
+        confmat, dice, vessel = report_validation(run_model, val_loader, device, num_classes, amp_dtype, args)
+
+        is_best = dice > best_dice
+        best_dice = max(best_dice, dice)
+        # Every process takes part in gathering the RNG states; only the main one writes.
+        rngs = gather_rng_states()
+        if utils.is_main_process():
+            val_info = str(confmat)
+            with open(results_file, "a") as f:
+                f.write(f"[epoch: {epoch}]\ntrain_loss: {mean_loss:.4f}\nlr: {lr:.6f}\n"
+                        f"dice coefficient: {dice:.3f}\n{val_info}\n{vessel}\n\n")
+            record = {"epoch": epoch, "train_loss": mean_loss, "lr": lr, "dice": dice,
+                      **confmat.summary(), **vessel.compute(), "epoch_time": time.time() - epoch_start}
+            with open(log_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+            save_file = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                         "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "best_dice": best_dice,
+                         "args": plain_args(args), "rng": rngs}
+            if scaler.is_enabled():
+                save_file["scaler"] = scaler.state_dict()
+            # best_model.pth first: a crash between the two writes then never leaves a
+            # checkpoint.pth whose best_dice claims a best model that is not on disk.
+            if args.save_best and is_best:
+                save_checkpoint(save_file, os.path.join(args.output_dir, "best_model.pth"))
+            elif not args.save_best:
+                save_checkpoint(save_file, os.path.join(args.output_dir, f"model_{epoch}.pth"))
+            save_checkpoint(save_file, os.path.join(args.output_dir, "checkpoint.pth"))
+
+    total_time = time.time() - start_time
+    print(f"training time {datetime.timedelta(seconds=int(total_time))}; best dice coefficient: {best_dice:.3f}")
+    if args.distributed:
+        torch.distributed.barrier()
+
+
+def gather_rng_states():
+    """Every process's RNG states (a list by rank), so a resumed DDP run continues each stream."""
+    state = rng_state()
+    if not utils.is_dist_avail_and_initialized():
+        return [state]
+    # all_gather_object cannot carry tensors on every backend; ship each state as torch.save bytes.
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    blobs = [None] * utils.get_world_size()
+    torch.distributed.all_gather_object(blobs, buf.getvalue())
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
+
+
+def report_validation(model, val_loader, device, num_classes, amp_dtype, args):
+    """Evaluate and print the tutorial's block, ``dice coefficient: x`` and the vessel metrics."""
+    vessel = VesselMetrics(ignore_index=255)
+    confmat, dice = evaluate(model, val_loader, device=device, num_classes=num_classes, amp_dtype=amp_dtype,
+                             channels_last=args.channels_last, vessel_metrics=vessel)
+    print(confmat)
+    print(f"dice coefficient: {dice:.3f}")
+    print(vessel)
+    return confmat, dice, vessel
+
+
+def cli(parser, argv=None):
+    args = parse_args(parser, argv)
+    try:
+        run_cli(main, args, debug=args.debug)
+    finally:
+        utils.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    cli(get_args_parser())

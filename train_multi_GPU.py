@@ -1,0 +1,28 @@
+"""Train with DistributedDataParallel under torchrun: ``train.py``'s parser and loop plus the distributed flags.
+
+    torchrun --nproc_per_node=4 train_multi_GPU.py --data-path /data --sync-bn      # 4 GPUs, one node
+    torchrun --standalone --nproc_per_node=2 train_multi_GPU.py --device cpu ...    # CPU (gloo), for testing
+    python train_multi_GPU.py ...                                                    # no torchrun: one process
+
+``-b`` is the batch per process: the total batch is ``-b x processes``.
+"""
+import argparse
+
+import train
+
+
+def get_args_parser(add_help=True):
+    parser = argparse.ArgumentParser(description="PyTorch U-Net DDP training on DRIVE", add_help=add_help,
+                                     parents=[train.get_args_parser(add_help=False)])
+    parser.add_argument("--sync-bn", "--sync_bn", action="store_true",
+                        help="synchronise BatchNorm statistics across processes")
+    parser.add_argument("--world-size", "--world_size", default=1, type=int,
+                        help="kept for the original's command lines: torchrun's WORLD_SIZE decides")
+    parser.add_argument("--dist-url", "--dist_url", default="env://", help="url used to set up the process group")
+    parser.add_argument("--dist-timeout", default=30.0, type=float, metavar="MIN",
+                        help="minutes a collective may wait for a lost process before the run fails")
+    return parser
+
+
+if __name__ == "__main__":
+    train.cli(get_args_parser())

@@ -1,0 +1,1 @@
+"""Training utilities: losses, the train/eval engine, metrics, transforms, checkpoints."""

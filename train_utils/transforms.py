@@ -1,0 +1,92 @@
+"""Paired (image, target) transforms and the tutorial's train/eval presets, on torchvision.transforms.v2.
+
+Images are ``tv_tensors.Image`` (uint8, CHW) and targets ``tv_tensors.Mask``
+(uint8: 0 background, 1.. classes, 255 ignored), so every random transform
+applies the same parameters to both, resizes the mask with nearest-neighbour
+and never blends class indices.
+"""
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+# The tutorial's DRIVE statistics and sizes: the defaults of every script.
+DRIVE_MEAN = (0.709, 0.381, 0.224)
+DRIVE_STD = (0.127, 0.079, 0.043)
+BASE_SIZE = 565
+CROP_SIZE = 480
+IGNORE_INDEX = 255
+
+
+class PadIfSmaller(v2.Transform):
+    """Pad on the right and bottom up to ``size``: image with 0, mask with 255 (ignored).
+
+    The tutorial pads this way before its random crop; torchvision's
+    ``RandomCrop(pad_if_needed=True)`` pads both sides, which would change
+    where the image can land in the crop.
+    """
+
+    def __init__(self, size, fill=0, mask_fill=IGNORE_INDEX):
+        super().__init__()
+        self.size = size
+        self.fill = fill
+        self.mask_fill = mask_fill
+
+    def make_params(self, flat_inputs):
+        h, w = v2.query_size(flat_inputs)
+        return {"padw": max(self.size - w, 0), "padh": max(self.size - h, 0)}
+
+    def transform(self, inpt, params):
+        if not (params["padw"] or params["padh"]):
+            return inpt
+        fill = self.mask_fill if isinstance(inpt, tv_tensors.Mask) else self.fill
+        return F.pad(inpt, padding=[0, 0, params["padw"], params["padh"]], fill=fill)
+
+
+class _Preset:
+    def __call__(self, img, target):
+        img, target = self.transforms(tv_tensors.Image(img), tv_tensors.Mask(target))
+        # Plain tensors from here on: the model and the loss need no tv_tensor dispatch.
+        return img.as_subclass(torch.Tensor), target.as_subclass(torch.Tensor)
+
+
+class SegmentationPresetTrain(_Preset):
+    """Random resize of the shorter side to [0.5, 1.2] x base_size, h/v flips, random crop, normalise."""
+
+    def __init__(self, base_size=BASE_SIZE, crop_size=CROP_SIZE, hflip_prob=0.5, vflip_prob=0.5,
+                 mean=DRIVE_MEAN, std=DRIVE_STD):
+        min_size = int(0.5 * base_size)
+        max_size = int(1.2 * base_size)
+        trans = [v2.RandomResize(min_size, max_size + 1)]  # torchvision's upper bound is exclusive
+        if hflip_prob > 0:
+            trans.append(v2.RandomHorizontalFlip(hflip_prob))
+        if vflip_prob > 0:
+            trans.append(v2.RandomVerticalFlip(vflip_prob))
+        trans += [
+            PadIfSmaller(crop_size),
+            v2.RandomCrop(crop_size),
+            v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
+            v2.Normalize(mean=mean, std=std),
+        ]
+        self.transforms = v2.Compose(trans)
+
+
+class SegmentationPresetEval(_Preset):
+    """The full image, only converted and normalised."""
+
+    def __init__(self, mean=DRIVE_MEAN, std=DRIVE_STD):
+        self.transforms = v2.Compose([
+            v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
+            v2.Normalize(mean=mean, std=std),
+        ])
+
+
+def get_transform(train, mean=DRIVE_MEAN, std=DRIVE_STD, base_size=BASE_SIZE, crop_size=CROP_SIZE):
+    if train:
+        return SegmentationPresetTrain(base_size, crop_size, mean=mean, std=std)
+    return SegmentationPresetEval(mean=mean, std=std)
+
+
+def normalize_image(img_uint8: torch.Tensor, mean=DRIVE_MEAN, std=DRIVE_STD) -> torch.Tensor:
+    """A uint8 CHW (or NCHW) image as the model's float input, as the eval preset makes it."""
+    return F.normalize(img_uint8.float().div_(255), mean=list(mean), std=list(std))
