@@ -1,0 +1,121 @@
+"""Per-channel mean and std of the DRIVE images inside their field of view (FOV), for ``--mean``/``--std``.
+
+Example::
+
+    python compute_mean_std.py --data-path ./ --split training
+
+``--data-path`` names the folder that holds ``DRIVE/``. Every pixel inside
+the FOV mask of every image of the split counts once, in units of [0, 1]
+(pixel / 255), and the std is the population std (ddof=0) of all those pixels
+pooled. The figures are exact: per-channel histograms of the 8-bit values are
+summed as integers, so nothing is rounded until the final division.
+
+For comparison it also prints what the original ``compute_mean_std.py``
+computed: the average over images of each image's own FOV mean and std. The
+means agree up to the weighting by FOV size; the averaged std is smaller than
+the pooled one, because it leaves out how much the images differ from each
+other.
+
+The last line is ready to paste into ``train.py``'s command line.
+"""
+import argparse
+import math
+
+import numpy as np
+
+from my_dataset import binary_from_gray, drive_files, read_image
+from train_utils.errors import UserError, run_cli
+
+CHANNELS = 3
+DECIMALS = 4
+_LEVELS = np.arange(256, dtype=np.int64)
+
+
+def _moments(hist):
+    """(n, sum, sum of squares) per channel of a [C, 256] histogram of 8-bit values, as exact Python ints."""
+    n = int(hist[0].sum())
+    s = [int(h @ _LEVELS) for h in hist]
+    ss = [int(h @ (_LEVELS * _LEVELS)) for h in hist]
+    return n, s, ss
+
+
+def _mean_std(n, s, ss):
+    """Mean and population std in units of [0, 1] from exact integer moments of 0..255 values."""
+    mean = [si / (n * 255) for si in s]
+    # n*ss - s^2 is exact in Python ints; int / int is correctly rounded.
+    std = [math.sqrt((n * ssi - si * si) / (n * n * 255 * 255)) for si, ssi in zip(s, ss)]
+    return mean, std
+
+
+def compute_mean_std(root, split="training"):
+    """Statistics of one split's images inside the FOV, in units of [0, 1].
+
+    Returns a dict:
+
+    - ``mean``, ``std``: per channel, over all FOV pixels of all images pooled
+      (population std, ddof=0);
+    - ``image_avg_mean``, ``image_avg_std``: per channel, the average over
+      images of each image's own FOV mean and std (the original script's figures);
+    - ``num_images``, ``num_pixels`` (FOV pixels in all, per channel).
+    """
+    files = drive_files(root, split)
+    total = np.zeros((CHANNELS, 256), dtype=np.int64)
+    image_means, image_stds = [], []
+    for img_path, _, mask_path in files:
+        img = read_image(img_path, "RGB")
+        fov = binary_from_gray(read_image(mask_path, "L"))
+        if fov.shape != img.shape[:2]:
+            raise UserError(f"FOV mask '{mask_path}' is {fov.shape[1]}x{fov.shape[0]} but its image '{img_path}' "
+                            f"is {img.shape[1]}x{img.shape[0]} (width x height)")
+        pixels = img[fov]  # [n, 3] uint8
+        if pixels.shape[0] == 0:
+            raise UserError(f"FOV mask '{mask_path}' selects no pixels (is it all black?)")
+        hist = np.stack([np.bincount(pixels[:, c], minlength=256) for c in range(CHANNELS)]).astype(np.int64)
+        total += hist
+        mean, std = _mean_std(*_moments(hist))
+        image_means.append(mean)
+        image_stds.append(std)
+
+    num_pixels, s, ss = _moments(total)
+    mean, std = _mean_std(num_pixels, s, ss)
+    k = len(files)
+    return {
+        "mean": mean,
+        "std": std,
+        "image_avg_mean": [math.fsum(m[c] for m in image_means) / k for c in range(CHANNELS)],
+        "image_avg_std": [math.fsum(m[c] for m in image_stds) / k for c in range(CHANNELS)],
+        "num_images": k,
+        "num_pixels": num_pixels,
+    }
+
+
+def _fmt(values):
+    return " ".join(f"{v:.{DECIMALS}f}" for v in values)
+
+
+def get_args_parser(add_help=True):
+    parser = argparse.ArgumentParser(description="Per-channel mean/std of DRIVE images inside the FOV",
+                                     add_help=add_help)
+    parser.add_argument("--data-path", default="./", help="folder that holds DRIVE/ (default: ./)")
+    parser.add_argument("--split", default="training", choices=("training", "test"),
+                        help="which split to measure (default: training)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def main(args):
+    r = compute_mean_std(args.data_path, args.split)
+    print(f"split: {args.split}, images: {r['num_images']}, FOV pixels: {r['num_pixels']}")
+    print("pooled over all FOV pixels:")
+    print(f"  mean: {_fmt(r['mean'])}")
+    print(f"  std:  {_fmt(r['std'])}")
+    print("average of per-image FOV figures (the original compute_mean_std.py):")
+    print(f"  mean: {_fmt(r['image_avg_mean'])}")
+    print(f"  std:  {_fmt(r['image_avg_std'])}")
+    print(f"--mean {_fmt(r['mean'])} --std {_fmt(r['std'])}")
+    return r
+
+
+if __name__ == "__main__":
+    cli_args = get_args_parser().parse_args()
+    run_cli(main, cli_args, debug=cli_args.debug)
