@@ -185,11 +185,18 @@ def main(args):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.distributed and getattr(args, "sync_bn", False):
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:  # torch's SyncBatchNorm runs on GPUs only
+            print("note: --sync-bn is ignored on the CPU (SyncBatchNorm needs CUDA)")
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    run_model = torch.compile(model) if args.compile else model
+    # Validation needs no gradient sync: it runs the plain module (with rank 0's buffers, see broadcast_buffers).
+    run_model, eval_model = model, model_without_ddp
+    if args.compile:
+        eval_model = torch.compile(model_without_ddp)
+        run_model = torch.compile(model) if args.distributed else eval_model
 
     amp_dtype = autocast_dtype(device, getattr(torch, args.amp_dtype) if (args.amp and args.amp_dtype) else args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -223,7 +230,7 @@ def main(args):
         print(f"loaded '{args.resume}' (epoch {checkpoint.get('epoch', '?')}, best dice {best_dice:.3f})")
 
     if args.test_only:
-        report_validation(run_model, val_loader, device, num_classes, amp_dtype, args)
+        report_validation(eval_model, val_loader, device, num_classes, amp_dtype, args)
         return
 
     results_file = os.path.join(args.output_dir, "results{}.txt".format(
@@ -238,7 +245,8 @@ def main(args):
         mean_loss, lr = train_one_epoch(run_model, optimizer, train_loader, device, epoch, num_classes,
                                         lr_scheduler=lr_scheduler, print_freq=args.print_freq, scaler=scaler,
                                         amp_dtype=amp_dtype, channels_last=args.channels_last)
-        confmat, dice, vessel = report_validation(run_model, val_loader, device, num_classes, amp_dtype, args)
+        utils.broadcast_buffers(model_without_ddp)
+        confmat, dice, vessel = report_validation(eval_model, val_loader, device, num_classes, amp_dtype, args)
 
         is_best = dice > best_dice
         best_dice = max(best_dice, dice)

@@ -68,6 +68,18 @@ def reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value / get_world_size()
 
 
+def broadcast_buffers(module, src=0):
+    """Copy ``src``'s buffers (BatchNorm running statistics) to every process.
+
+    DDP syncs buffers only in forward passes with gradients, so after training
+    each process holds the statistics of its own last batch; validation and the
+    saved checkpoint must use the same (rank 0's) ones.
+    """
+    if is_dist_avail_and_initialized():
+        for buf in module.buffers():
+            dist.broadcast(buf, src)
+
+
 def setup_for_distributed(is_master):
     """Silence ``print`` on every process but the main one; ``print(..., force=True)`` still prints."""
     builtin_print = builtins.print
