@@ -1,0 +1,296 @@
+"""Predict vessel masks for fundus photographs with a checkpoint written by ``train.py``.
+
+    python predict.py --weights save_weights/best_model.pth --img DRIVE/test/images/01_test.tif \\
+        --roi-mask DRIVE/test/mask/01_test_mask.gif --output test_result.png
+    python predict.py --img DRIVE/test/images --roi-mask DRIVE/test/mask --output predictions --save-prob --overlay
+    python predict.py --img photo.jpg --tta --output out/        # FOV estimated from the dark border
+    python predict.py --img big_3500x2300.png --tile-size 512 --tile-overlap 64 --device cpu
+
+For each input ``<stem>.<ext>`` it writes ``<stem>.png``: 0/255 with 255 where
+the predicted class is not the background (with more than one foreground
+class: a palette PNG of class indices); ``--save-prob`` adds
+``<stem>_prob.png``, the foreground probability 1 - P(background) as 0..255;
+``--overlay`` adds ``<stem>_overlay.png``, the vessels drawn over the photograph.
+Pixels outside the field of view are 0 in the mask and the probability map.
+The FOV comes from ``--roi-mask`` (a file, or a folder of DRIVE-named masks:
+``NN_test_mask.gif`` for ``NN_test.tif``) or, without it, is estimated from
+the photograph's dark border.
+
+The model, its class count and its normalisation come from the checkpoint.
+Images larger than ``--tile-size`` are predicted in overlapping tiles blended
+with a smooth window, so memory stays bounded whatever the image size.
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import src
+from my_dataset import binary_from_gray, read_image
+from train_utils.checkpoint import load_checkpoint, load_model_state, model_kwargs
+from train_utils.distributed_utils import resolve_device
+from train_utils.errors import UserError, run_cli
+from train_utils.inference import estimate_fov, predict_probabilities, size_multiple
+from train_utils.train_and_eval import autocast_dtype
+from train_utils.transforms import DRIVE_MEAN, DRIVE_STD
+
+IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif", ".bmp")
+OVERLAY_ALPHA = 0.6
+# Class colours for overlays and palette masks: background black, then green (vessels), red, blue, ...
+CLASS_COLOURS = [(0, 0, 0), (0, 255, 0), (255, 0, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
+                 (255, 128, 0), (128, 0, 255), (0, 128, 255), (255, 255, 255)]
+
+
+def get_args_parser(add_help=True):
+    parser = argparse.ArgumentParser(description="Predict retinal vessel masks with a trained U-Net",
+                                     add_help=add_help)
+    parser.add_argument("--weights", default="save_weights/best_model.pth", help="checkpoint written by train.py")
+    parser.add_argument("--img", "--input", dest="img", required=True,
+                        help="an image file (.tif/.png/.jpg/.gif/.bmp) or a folder of them")
+    parser.add_argument("--roi-mask", "--roi_mask", dest="roi_mask", default=None,
+                        help="FOV mask file, or a folder holding <stem>_mask.* (DRIVE: NN_test_mask.gif) or "
+                             "<stem>.* for every image; default: estimate the FOV from the image")
+    parser.add_argument("--output", default="predictions",
+                        help="output folder, or a .png file name when predicting one image")
+    parser.add_argument("--save-prob", "--save_prob", dest="save_prob", action="store_true",
+                        help="also write <stem>_prob.png: foreground probability as 0..255")
+    parser.add_argument("--overlay", action="store_true",
+                        help="also write <stem>_overlay.png: the prediction drawn over the photograph")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
+    parser.add_argument("--amp", action="store_true", help="mixed precision: float16 on CUDA, bfloat16 on the CPU")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the softmax over horizontal and vertical flips")
+    parser.add_argument("-b", "--batch-size", default=1, type=int,
+                        help="tiles (or same-size whole images) per forward pass")
+    parser.add_argument("--tile-size", default=1024, type=int,
+                        help="images larger than this (pixels, either side) are predicted in tiles of this size; "
+                             "rounded down to a multiple of 16 (32 for the backbone models); 0: never tile")
+    parser.add_argument("--tile-overlap", default=128, type=int,
+                        help="overlap between neighbouring tiles (pixels), blended with a raised-cosine ramp")
+    parser.add_argument("--channels-last", "--channels_last", dest="channels_last", default=True,
+                        action=argparse.BooleanOptionalAction, help="NHWC memory format (faster convolutions)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def check_args(args):
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    if args.tile_size < 0 or args.tile_overlap < 0:
+        raise UserError("--tile-size and --tile-overlap must be >= 0")
+    if args.tile_size and args.tile_overlap >= args.tile_size:
+        raise UserError(f"--tile-overlap ({args.tile_overlap}) must be smaller than --tile-size ({args.tile_size})")
+
+
+# ---------------------------------------------------------------------------
+# inputs and outputs
+
+
+def image_size(path):
+    """(width, height) from the file's header, a clear error when it is not an image."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise UserError(f"input '{path}' does not exist") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image '{path}': {e}") from None
+
+
+def list_inputs(path):
+    """The image files to predict: ``path`` itself, or every image file of the folder ``path``, sorted."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, n) for n in os.listdir(path)
+                       if n.lower().endswith(IMAGE_EXTS) and os.path.isfile(os.path.join(path, n)))
+        if not files:
+            raise UserError(f"folder '{path}' holds no image files ({', '.join(IMAGE_EXTS)})")
+        return files
+    if not os.path.exists(path):
+        raise UserError(f"input '{path}' does not exist")
+    return [path]
+
+
+def stem_of(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def find_mask(roi, img_path):
+    """The FOV mask file for ``img_path``: ``roi`` itself, or ``<stem>_mask.*`` / ``<stem>.*`` in the folder ``roi``."""
+    if roi is None:
+        return None
+    if not os.path.isdir(roi):
+        if not os.path.isfile(roi):
+            raise UserError(f"--roi-mask '{roi}' does not exist")
+        return roi
+    stem = stem_of(img_path)
+    names = sorted(n for n in os.listdir(roi) if os.path.isfile(os.path.join(roi, n)))
+    by_stem = {}
+    for n in names:
+        s, ext = os.path.splitext(n)
+        if ext:
+            by_stem.setdefault(s, []).append(n)
+    img_real = os.path.realpath(img_path)
+    for candidate in (f"{stem}_mask", stem):
+        found = [n for n in by_stem.get(candidate, []) if os.path.realpath(os.path.join(roi, n)) != img_real]
+        if found:
+            found.sort(key=lambda n: (not n.lower().endswith(".gif"), n))  # DRIVE's .gif first
+            return os.path.join(roi, found[0])
+    raise UserError(f"no FOV mask for '{img_path}' in '{roi}' (looked for {stem}_mask.gif, {stem}_mask.* "
+                    f"and {stem}.*)")
+
+
+def output_paths(args, inputs, mask_files):
+    """For each input, its (mask, prob, overlay) output paths; refuses names that clash or hit an input."""
+    out = args.output
+    file_mode = not os.path.isdir(out) and out.lower().endswith(IMAGE_EXTS)
+    if file_mode and not out.lower().endswith(".png"):
+        raise UserError(f"--output '{out}': masks are written as PNG; give a .png file name or a folder")
+    if file_mode and len(inputs) > 1:
+        raise UserError(f"--output '{out}' is a file name but '{args.img}' holds {len(inputs)} images; "
+                        "give a folder")
+    plans = []
+    for path in inputs:
+        base = os.path.splitext(out)[0] if file_mode else os.path.join(out, stem_of(path))
+        plans.append((base + ".png" if not file_mode else out, base + "_prob.png", base + "_overlay.png"))
+    written = [p for plan in plans for p, on in zip(plan, (True, args.save_prob, args.overlay)) if on]
+    real = [os.path.realpath(p) for p in written]
+    if len(set(real)) != len(real):
+        dup = next(p for p, r in zip(written, real) if real.count(r) > 1)
+        raise UserError(f"two inputs would write the same output '{dup}' (images with the same name stem?)")
+    protected = {os.path.realpath(p) for p in inputs}
+    protected |= {os.path.realpath(m) for m in mask_files if m}
+    for p, r in zip(written, real):
+        if r in protected:
+            raise UserError(f"output '{p}' would overwrite an input file; choose another --output")
+    return plans
+
+
+def load_fov(mask_path, img_path, shape):
+    fov = binary_from_gray(read_image(mask_path, "L"))
+    if fov.shape != shape:
+        raise UserError(f"FOV mask '{mask_path}' is {fov.shape[1]}x{fov.shape[0]} but image '{img_path}' is "
+                        f"{shape[1]}x{shape[0]} (width x height)")
+    return fov
+
+
+def colour_overlay(image, classes):
+    """The photograph with every foreground class blended in its colour."""
+    out = image.astype(np.float32)
+    for c in range(1, int(classes.max()) + 1):
+        sel = classes == c
+        colour = np.array(CLASS_COLOURS[c] if c < len(CLASS_COLOURS) else (255, 255, 255), dtype=np.float32)
+        out[sel] = (1 - OVERLAY_ALPHA) * out[sel] + OVERLAY_ALPHA * colour
+    return np.rint(out).clip(0, 255).astype(np.uint8)
+
+
+def save_outputs(probs, image, fov, plan, args):
+    """Write the mask (and prob / overlay) of one image from its class probabilities [C, H, W]."""
+    mask_path, prob_path, overlay_path = plan
+    folder = os.path.dirname(mask_path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    fov_t = torch.from_numpy(fov).to(probs.device)
+    classes = torch.where(fov_t, probs.argmax(dim=0), 0).to(torch.uint8).cpu().numpy()
+    num_classes = probs.shape[0]
+    if num_classes <= 2:
+        Image.fromarray((classes > 0).astype(np.uint8) * 255).save(mask_path)
+    else:
+        im = Image.fromarray(classes)  # 'L'; putpalette makes it 'P'
+        palette = [v for c in range(256) for v in (CLASS_COLOURS[c] if c < len(CLASS_COLOURS) else (0, 0, 0))]
+        im.putpalette(palette)
+        im.save(mask_path)
+    if args.save_prob:
+        fg = torch.where(fov_t, 1 - probs[0], 0).clamp_(0, 1)
+        Image.fromarray(fg.mul_(255).round_().to(torch.uint8).cpu().numpy()).save(prob_path)
+    if args.overlay:
+        Image.fromarray(colour_overlay(image, classes)).save(overlay_path)
+
+
+# ---------------------------------------------------------------------------
+# model
+
+
+def load_model(weights, device, channels_last=True):
+    """The model of a train.py checkpoint, in eval mode, and the checkpoint's ``args`` dict."""
+    ckpt = load_checkpoint(weights, map_location="cpu")
+    saved = ckpt.get("args", {})
+    kwargs = model_kwargs(saved)
+    if kwargs["in_channels"] != 3:
+        raise UserError(f"checkpoint '{weights}' is for {kwargs['in_channels']}-channel input; "
+                        "predict.py reads RGB photographs")
+    try:
+        model = src.build_model(**kwargs)
+    except ValueError as e:
+        raise UserError(f"checkpoint '{weights}': {e}") from None
+    load_model_state(model, ckpt["model"], weights)
+    model.eval().to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, saved, kwargs
+
+
+def batches_of_same_size(inputs, sizes, batch_size):
+    """Consecutive runs of at most ``batch_size`` inputs with the same size (indices)."""
+    group = []
+    for i in range(len(inputs)):
+        if group and (len(group) == batch_size or sizes[i] != sizes[group[0]]):
+            yield group
+            group = []
+        group.append(i)
+    if group:
+        yield group
+
+
+def main(args):
+    check_args(args)
+    inputs = list_inputs(args.img)
+    sizes = [image_size(p) for p in inputs]  # every input readable before any work starts
+    mask_files = [find_mask(args.roi_mask, p) for p in inputs]
+    plans = output_paths(args, inputs, mask_files)
+    device = resolve_device(args.device)
+    model, saved, kwargs = load_model(args.weights, device, args.channels_last)
+    mean = saved.get("mean") or list(DRIVE_MEAN)
+    std = saved.get("std") or list(DRIVE_STD)
+    amp_dtype = autocast_dtype(device, args.amp)
+    print(f"using {device.type} device; model {kwargs['model']} ({kwargs['num_classes']} classes incl. background"
+          + (f", base_c {kwargs['base_c']}" if kwargs["model"] == "unet" else "") + f") from '{args.weights}'")
+    if args.roi_mask is None:
+        print("no --roi-mask given: the field of view is estimated from each image's dark border")
+
+    # A whole image per forward when it fits in one tile (then --batch-size counts images), else tiles.
+    start = time.perf_counter()
+    for group in batches_of_same_size(inputs, sizes, args.batch_size):
+        t0 = time.perf_counter()
+        images = [read_image(inputs[i], "RGB") for i in group]
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+        probs, tiles = predict_probabilities(
+            model, batch, mean, std, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
+            batch_size=args.batch_size, multiple=size_multiple(kwargs["model"]), amp_dtype=amp_dtype, tta=args.tta,
+            channels_last=args.channels_last)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        shared = (time.perf_counter() - t0) / len(group)  # reading and predicting, shared by the batch
+        for k, i in enumerate(group):
+            t1 = time.perf_counter()
+            h, w = images[k].shape[:2]
+            if mask_files[i]:
+                fov = load_fov(mask_files[i], inputs[i], (h, w))
+                fov_note = ""
+            else:
+                fov, threshold = estimate_fov(images[k])
+                fov_note = f", FOV estimated ({fov.mean():.0%} of the image, brightness > {threshold:.0f})"
+            save_outputs(probs[k], images[k], fov, plans[i], args)
+            elapsed = shared + time.perf_counter() - t1
+            print(f"{inputs[i]}: {w}x{h}" + (f", {tiles} tiles" if tiles > 1 else "") + fov_note
+                  + f" -> {plans[i][0]}  {elapsed:.2f} s", flush=True)
+        del probs
+    n = len(inputs)
+    print(f"predicted {n} image{'s' * (n != 1)} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    run_cli(main, args, debug=args.debug)

@@ -1,0 +1,254 @@
+"""predict.py end to end on synthetic DRIVE data, the tiled inference and the FOV estimate."""
+import hashlib
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import predict
+from my_dataset import synthetic_fundus, write_synthetic_drive
+from src import build_model
+from tests.conftest import run_script
+from train_utils.errors import run_cli
+from train_utils.inference import blend_weights, estimate_fov, predict_probabilities, tile_grid
+from train_utils.transforms import DRIVE_MEAN, DRIVE_STD, normalize_image
+
+H, W = 96, 90
+
+
+def spread_unet(num_classes, seed=0, calib=None):
+    """A random tiny U-Net whose output layer is rescaled so its classes split the image roughly evenly.
+
+    Left as initialised, the logits barely vary over the image, every pixel is
+    background and the tests would prove nothing.
+    """
+    torch.manual_seed(seed)
+    model = build_model("unet", num_classes=num_classes, base_c=8).eval()
+    if calib is None:
+        calib = synthetic_fundus(H, W, seed=seed)[0]
+    x = normalize_image(torch.from_numpy(calib).permute(2, 0, 1)[None], DRIVE_MEAN, DRIVE_STD)
+    with torch.no_grad():
+        logits = model(x)["out"][0].flatten(1)
+        conv = model.out_conv[0]
+        scale = 4.0 / logits.std(dim=1).mean().clamp(min=1e-6)
+        conv.weight.mul_(scale)
+        conv.bias.mul_(scale).sub_(logits.median(dim=1).values * scale)
+    return model
+
+
+def write_checkpoint(path, model, num_classes):
+    """A checkpoint in train.py's format (``num_classes`` counts foreground classes)."""
+    args = {"model": "unet", "num_classes": num_classes, "base_c": 8, "mean": list(DRIVE_MEAN), "std": list(DRIVE_STD)}
+    torch.save({"model": model.state_dict(), "args": args, "epoch": 0}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    write_synthetic_drive(str(root / "data"), num_train=0, num_test=2, height=H, width=W)
+    drive = root / "data" / "DRIVE" / "test"
+    return {
+        "root": root,
+        "images": drive / "images",
+        "masks": drive / "mask",
+        "ckpt": write_checkpoint(root / "binary.pth", spread_unet(2), 1),
+        "ckpt3": write_checkpoint(root / "three.pth", spread_unet(3, seed=1), 2),
+    }
+
+
+def run_predict(*args):
+    return run_script("predict.py", *args, timeout=120)
+
+
+def error_lines(stderr):
+    return [ln for ln in stderr.splitlines() if ln.strip()]
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def fov_of(env, stem):
+    return np.array(Image.open(env["masks"] / f"{stem}_mask.gif").convert("L")) >= 128
+
+
+def test_folder_with_masks_writes_mask_prob_overlay(env):
+    out = env["root"] / "out_folder"
+    before = {p.name: sha(p) for p in env["images"].iterdir()}
+    r = run_predict("--weights", env["ckpt"], "--img", env["images"], "--roi-mask", env["masks"],
+                    "--output", out, "--save-prob", "--overlay")
+    assert r.returncode == 0, r.stderr
+    assert {p.name: sha(p) for p in env["images"].iterdir()} == before  # inputs untouched
+    for stem in ("01_test", "02_test"):
+        assert re.search(rf"{stem}\.tif: 90x96 .*\d+\.\d\d s", r.stdout), r.stdout  # time per image
+        fov = fov_of(env, stem)
+        with Image.open(out / f"{stem}.png") as im:
+            assert (im.mode, im.size) == ("L", (W, H))
+            mask = np.array(im)
+        with Image.open(out / f"{stem}_prob.png") as im:
+            assert (im.mode, im.size) == ("L", (W, H))
+            prob = np.array(im)
+        with Image.open(out / f"{stem}_overlay.png") as im:
+            assert (im.mode, im.size) == ("RGB", (W, H))
+            overlay = np.array(im)
+        assert set(np.unique(mask)) <= {0, 255}
+        assert 0.05 < (mask[fov] == 255).mean() < 0.95  # the model predicts both classes
+        assert not mask[~fov].any() and not prob[~fov].any()
+        # mask is argmax, prob is round(255 * P(foreground)): they agree except at p = 0.5 exactly
+        assert ((mask == 255) == (prob >= 128))[fov].mean() > 0.995
+        photo = np.array(Image.open(env["images"] / f"{stem}.tif").convert("RGB"))
+        assert np.array_equal(overlay[mask == 0], photo[mask == 0])
+        assert (overlay[mask == 255][:, 1].astype(int) >= photo[mask == 255][:, 1]).all()  # green added
+
+
+def test_single_file_without_mask_estimates_fov(env):
+    out = env["root"] / "single" / "result.png"
+    img = env["images"] / "01_test.tif"
+    r = run_predict("--weights", env["ckpt"], "--input", img, "--output", out, "--save-prob")
+    assert r.returncode == 0, r.stderr
+    assert "estimated" in r.stdout and "--roi-mask" in r.stdout
+    assert sorted(os.listdir(out.parent)) == ["result.png", "result_prob.png"]
+    mask, prob = np.array(Image.open(out)), np.array(Image.open(out.parent / "result_prob.png"))
+    fov = fov_of(env, "01_test")  # the estimate is checked closely in test_estimated_fov_matches_synthetic_mask
+    assert not mask[~fov].any() and not prob[~fov].any()
+    assert (mask[fov] == 255).mean() > 0.05
+
+
+def test_three_classes_give_a_palette_png(env):
+    out = env["root"] / "three"
+    r = run_predict("--weights", env["ckpt3"], "--img", env["images"] / "02_test.tif",
+                    "--roi-mask", env["masks"], "--output", out, "--tta", "--tile-size", "48",
+                    "--tile-overlap", "16", "-b", "3")
+    assert r.returncode == 0, r.stderr
+    assert "3 classes" in r.stdout and "tiles" in r.stdout
+    with Image.open(out / "02_test.png") as im:
+        assert (im.mode, im.size) == ("P", (W, H))
+        classes = np.array(im)
+    fov = fov_of(env, "02_test")
+    assert set(np.unique(classes[fov])) == {0, 1, 2}
+    assert not classes[~fov].any()
+
+
+def test_tiled_prediction_matches_whole_image():
+    img = synthetic_fundus(200, 190, seed=3)[0]
+    model = spread_unet(2, calib=img)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None]
+    whole, n_whole = predict_probabilities(model, x, DRIVE_MEAN, DRIVE_STD, tile_size=0)
+    tiled, n_tiles = predict_probabilities(model, x, DRIVE_MEAN, DRIVE_STD, tile_size=96, tile_overlap=32,
+                                           batch_size=4)
+    assert (n_whole, n_tiles) == (1, 9)
+    assert tiled.shape == whole.shape == (1, 2, 200, 190)
+    assert torch.allclose(tiled.sum(1), torch.ones(1, 200, 190), atol=1e-5)
+    assert (tiled - whole).abs().max() < 0.05
+    assert (tiled.argmax(1) == whole.argmax(1)).float().mean() > 0.99
+    # a tile that holds the whole image is the whole-image prediction
+    one, n = predict_probabilities(model, x, DRIVE_MEAN, DRIVE_STD, tile_size=256)
+    assert n == 1 and torch.equal(one, whole)
+
+
+def test_tile_grid_and_blend_weights():
+    hp, wp, windows, overlap = tile_grid(2300, 3500, 1024, 128)
+    assert (hp, wp, overlap) == (2304, 3504, 128)
+    assert all(y % 16 == 0 and x % 16 == 0 and (th, tw) == (1024, 1024) for y, x, th, tw in windows)
+    assert {y + th for y, _, th, _ in windows} >= {hp} and {x + tw for _, x, _, tw in windows} >= {wp}
+    assert len(windows) == 3 * 4
+    first, second = blend_weights(0, 1024, 2304, 128), blend_weights(896, 1024, 2304, 128)
+    assert (first > 0).all() and (second > 0).all()
+    assert first[0] == 1 and blend_weights(1280, 1024, 2304, 128)[-1] == 1  # image edges keep weight 1
+    assert second[0] < 0.01 and second[-1] < 0.01
+    # neighbouring ramps cross-fade: the weights of the two tiles sum to 1 over their overlap
+    assert torch.allclose(first[896:] + second[:128], torch.ones(128), atol=1e-6)
+    assert tile_grid(96, 90, 0, 0)[2] == [(0, 0, 96, 96)]
+
+
+@pytest.mark.parametrize("height,width,seed,grid", [(96, 90, 0, 256), (300, 280, 1, 64), (584, 565, 2, 256)])
+def test_estimated_fov_matches_synthetic_mask(height, width, seed, grid):
+    img, _, fov = synthetic_fundus(height, width, seed=seed)
+    rng = np.random.default_rng(seed)
+    img = img.copy()
+    img[2:5, 2:5] = 255  # a bright speck in the dark border (a camera label) is not the FOV
+    cy, cx = height // 2, width // 2
+    img[cy - 4:cy + 4, cx - 4:cx + 4] = rng.integers(0, 3, (8, 8, 3))  # a dark lesion inside is
+    for image in (img, img[..., 1]):  # RGB, and grayscale
+        est, _ = estimate_fov(image, grid=grid)
+        assert est.shape == fov.shape
+        assert (est & fov).sum() / (est | fov).sum() > 0.95
+        assert not est[2:5, 2:5].any() and est[cy - 4:cy + 4, cx - 4:cx + 4].all()
+
+
+@pytest.mark.parametrize("case", ["missing", "not_an_image"])
+def test_bad_input_is_one_error_line(env, case):
+    path = env["root"] / "nope.tif"
+    if case == "not_an_image":
+        path = env["root"] / "notes.txt"
+        path.write_text("not a photograph\n")
+    r = run_predict("--weights", env["ckpt"], "--img", path, "--output", env["root"] / "err")
+    assert r.returncode != 0
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(path) in lines[0], r.stderr
+
+
+def test_code_running_pickle_is_refused(env, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = tmp_path / "evil.pth"
+    torch.save({"model": {"x": Payload()}, "args": {}}, bad)
+    r = run_predict("--weights", bad, "--img", env["images"] / "01_test.tif", "--output", tmp_path / "o")
+    assert r.returncode != 0 and not marker.exists()
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: refusing to load"), r.stderr
+
+
+def call_main(capsys, *argv):
+    """predict's main under run_cli, in this process: (exit code, stderr lines)."""
+    args = predict.get_args_parser().parse_args([str(a) for a in argv])
+    code = 0
+    try:
+        run_cli(predict.main, args)
+    except SystemExit as e:
+        code = e.code
+    return code, error_lines(capsys.readouterr().err)
+
+
+def test_user_errors_in_process(env, tmp_path, capsys):
+    img = env["images"] / "01_test.tif"
+    # a mask folder without this image's mask
+    empty = tmp_path / "masks"
+    empty.mkdir()
+    code, lines = call_main(capsys, "--weights", env["ckpt"], "--img", img, "--roi-mask", empty, "--output", tmp_path)
+    assert code == 1 and len(lines) == 1 and "no FOV mask" in lines[0] and "01_test_mask.gif" in lines[0]
+    # a mask of another size
+    Image.new("L", (W + 1, H), 255).save(empty / "01_test_mask.gif")
+    code, lines = call_main(capsys, "--weights", env["ckpt"], "--img", img, "--roi-mask", empty, "--output", tmp_path)
+    assert code == 1 and len(lines) == 1 and "91x96" in lines[0]
+    # writing the mask over the input photograph
+    photo = tmp_path / "photo.png"
+    Image.open(img).save(photo)
+    before = sha(photo)
+    code, lines = call_main(capsys, "--weights", env["ckpt"], "--img", photo, "--output", tmp_path)
+    assert code == 1 and len(lines) == 1 and "overwrite" in lines[0] and sha(photo) == before
+    # --device cuda where there is none
+    if not torch.cuda.is_available():
+        code, lines = call_main(capsys, "--weights", env["ckpt"], "--img", img, "--device", "cuda",
+                                "--output", tmp_path / "o")
+        assert code == 1 and len(lines) == 1 and "CUDA is not available" in lines[0]
+
+
+def test_in_process_mask_lookup_and_batches(env, tmp_path, capsys):
+    """Folder mode with one mask file for all images, a batch of two, and DRIVE names resolved."""
+    assert predict.find_mask(str(env["masks"]), str(env["images"] / "01_test.tif")).endswith("01_test_mask.gif")
+    (tmp_path / "02_test.png").write_bytes(b"")  # <stem>.<ext> is accepted too, <stem>_mask.* first
+    assert predict.find_mask(str(tmp_path), "x/02_test.tif").endswith("02_test.png")
+    args = predict.get_args_parser().parse_args(
+        ["--weights", env["ckpt"], "--img", str(env["images"]), "--roi-mask", str(env["masks"] / "01_test_mask.gif"),
+         "--output", str(tmp_path / "o"), "-b", "2"])
+    predict.main(args)
+    assert sorted(os.listdir(tmp_path / "o")) == ["01_test.png", "02_test.png"]

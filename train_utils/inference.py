@@ -1,0 +1,209 @@
+"""Inference on whole photographs: sliding-window prediction with blended tiles, and a field-of-view estimate.
+
+``predict_probabilities`` runs a segmentation model over images of any size in
+memory bounded by the tile size: the (padded) image is cut into overlapping
+tiles, each tile's softmax is weighted by a raised-cosine window that falls
+towards the tile's inner edges (where the network sees the least context) and
+the weighted sum is normalised, so no seams remain. An image that fits in one
+tile is predicted whole, with the same code.
+
+``estimate_fov`` finds the circular field of view of a fundus photograph from
+its dark border (numpy only).
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .transforms import normalize_image
+
+
+def size_multiple(model_name: str) -> int:
+    """Input sizes the model's pooling divides evenly: 16 for the U-Net (4 poolings), 32 for the backbones."""
+    return 16 if model_name == "unet" else 32
+
+
+def _ceil_to(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def window_starts(length: int, tile: int, step: int):
+    """Start offsets and size of the windows covering ``[0, length)``: one window when it fits,
+    else windows of ``tile`` every ``step`` with the last one flush with the end."""
+    if length <= tile:
+        return [0], length
+    return list(range(0, length - tile, step)) + [length - tile], tile
+
+
+def blend_weights(start: int, size: int, length: int, overlap: int) -> torch.Tensor:
+    """1-D weight of one window: 1 inside, a raised-cosine ramp over ``overlap`` pixels on every side that
+    borders another window (never at the image's edges, which no other window covers). Always > 0."""
+    w = torch.ones(size, dtype=torch.float64)
+    ramp_len = min(overlap, size)
+    if ramp_len > 0:
+        ramp = 0.5 - 0.5 * torch.cos(math.pi * (torch.arange(ramp_len, dtype=torch.float64) + 0.5) / ramp_len)
+        if start > 0:
+            w[:ramp_len] = torch.minimum(w[:ramp_len], ramp)
+        if start + size < length:
+            w[size - ramp_len:] = torch.minimum(w[size - ramp_len:], ramp.flip(0))
+    return w.float()
+
+
+def tile_grid(height: int, width: int, tile_size: int, tile_overlap: int, multiple: int = 16):
+    """The tiling of an image padded to ``multiple``: (padded height, padded width, windows, overlap).
+
+    ``windows`` is a list of (y, x, h, w); ``tile_size <= 0`` means one window. Tile size and overlap are
+    rounded to ``multiple`` so every window starts on the pooling grid of the whole image.
+    """
+    hp, wp = _ceil_to(height, multiple), _ceil_to(width, multiple)
+    if tile_size <= 0:
+        return hp, wp, [(0, 0, hp, wp)], 0
+    tile = max(multiple, tile_size // multiple * multiple)
+    overlap = min(_ceil_to(max(tile_overlap, 0), multiple), tile - multiple)
+    ys, th = window_starts(hp, tile, tile - overlap)
+    xs, tw = window_starts(wp, tile, tile - overlap)
+    return hp, wp, [(y, x, th, tw) for y in ys for x in xs], overlap
+
+
+def _forward_probs(model, x, amp_dtype=None, tta=False, channels_last=False):
+    """Softmax (float32) of the model's ``out`` for a normalised batch; with ``tta`` the mean over the
+    image, its horizontal flip and its vertical flip."""
+    views = [(), (3,), (2,)] if tta else [()]
+    total = None
+    for dims in views:
+        xi = x.flip(dims) if dims else x
+        if channels_last:
+            xi = xi.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            logits = model(xi)["out"]
+        p = logits.float().softmax(dim=1)
+        if dims:
+            p = p.flip(dims)
+        total = p if total is None else total.add_(p)
+    return total.div_(len(views)) if tta else total
+
+
+@torch.inference_mode()
+def predict_probabilities(model, images: torch.Tensor, mean, std, tile_size=1024, tile_overlap=128,
+                          batch_size=1, multiple=16, amp_dtype=None, tta=False, channels_last=False):
+    """Class probabilities ``[N, C, H, W]`` (float32, on the model's device) for uint8 images ``[N, 3, H, W]``.
+
+    The images stay where they are (the CPU, typically); only tiles of at most
+    ``tile_size`` pixels, ``batch_size`` at a time, go to the device, and the
+    device holds the ``N x C x H x W`` accumulator. Images are padded with
+    black on the right and bottom to a multiple of ``multiple``, as training
+    pads its crops. Returns (probabilities, number of tiles per image).
+    """
+    device = next(model.parameters()).device
+    n, _, h, w = images.shape
+    hp, wp, windows, overlap = tile_grid(h, w, tile_size, tile_overlap, multiple)
+    if (hp, wp) != (h, w):
+        images = F.pad(images, (0, wp - w, 0, hp - h))
+
+    def window_weight(y, x, th, tw):  # rebuilt per use: storing one per tile would grow with the image
+        wy, wx = blend_weights(y, th, hp, overlap), blend_weights(x, tw, wp, overlap)
+        return (wy[:, None] * wx[None, :]).to(device)
+
+    weight_sum = torch.zeros(hp, wp, device=device)
+    for y, x, th, tw in windows:
+        weight_sum[y:y + th, x:x + tw] += window_weight(y, x, th, tw)
+    jobs = [(i, y, x, th, tw) for i in range(n) for (y, x, th, tw) in windows]
+    acc = None
+    for k in range(0, len(jobs), max(1, batch_size)):
+        chunk = jobs[k:k + max(1, batch_size)]
+        batch = torch.stack([images[i, :, y:y + th, x:x + tw] for i, y, x, th, tw in chunk])
+        batch = normalize_image(batch.to(device, non_blocking=True), mean, std)
+        probs = _forward_probs(model, batch, amp_dtype, tta, channels_last)
+        if acc is None:
+            acc = torch.zeros(n, probs.shape[1], hp, wp, device=device)
+        for p, (i, y, x, th, tw) in zip(probs, chunk):
+            acc[i, :, y:y + th, x:x + tw] += p * window_weight(y, x, th, tw)
+    acc /= weight_sum
+    return acc[:, :, :h, :w], len(windows)
+
+
+# ---------------------------------------------------------------------------
+# field of view
+
+
+def _grow(region: np.ndarray, allowed: np.ndarray, diagonal=False) -> np.ndarray:
+    """``region`` dilated by one pixel (4- or 8-neighbourhood), restricted to ``allowed``."""
+    g = region.copy()
+    g[1:] |= region[:-1]
+    g[:-1] |= region[1:]
+    g[:, 1:] |= region[:, :-1]
+    g[:, :-1] |= region[:, 1:]
+    if diagonal:
+        g[1:, 1:] |= region[:-1, :-1]
+        g[1:, :-1] |= region[:-1, 1:]
+        g[:-1, 1:] |= region[1:, :-1]
+        g[:-1, :-1] |= region[1:, 1:]
+    return g & allowed
+
+
+def _flood(allowed: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """The pixels of ``allowed`` 4-connected to ``seeds``."""
+    region = seeds & allowed
+    count = int(region.sum())
+    while True:
+        region = _grow(region, allowed)
+        new = int(region.sum())
+        if new == count:
+            return region
+        count = new
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of ``mask``, trying the ones nearest the centre first."""
+    h, w = mask.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    dist = (yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2
+    remaining, best, best_size = mask.copy(), np.zeros_like(mask), 0
+    while remaining.sum() > best_size:
+        seed = np.zeros_like(mask)
+        seed.flat[np.argmin(np.where(remaining, dist, np.inf))] = True
+        comp = _flood(remaining, seed)
+        if comp.sum() > best_size:
+            best, best_size = comp, int(comp.sum())
+        remaining &= ~comp
+    return best
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every background region that does not reach the image border filled."""
+    border = np.zeros_like(mask)
+    border[[0, -1], :] = True
+    border[:, [0, -1]] = True
+    return ~_flood(~mask, border)
+
+
+def estimate_fov(image: np.ndarray, level: float = 0.1, grid: int = 256):
+    """The field of view of a fundus photograph (RGB uint8 ``[H, W, 3]``) as a bool ``[H, W]`` map.
+
+    A pixel is bright enough when its brightest channel exceeds the dark
+    border's level (1st percentile) by ``level`` of the image's range (to the
+    99th percentile). The largest bright region, with its holes (dark vessels,
+    lesions) filled, is found on a grid of at most ``grid`` cells a side; its
+    inside is kept whole and its rim is taken pixel by pixel from the
+    threshold. Returns (fov, threshold).
+    """
+    bright = image.max(axis=2) if image.ndim == 3 else image
+    lo, hi = np.percentile(bright, [1, 99])
+    threshold = float(lo + max(level * (hi - lo), 2.0))
+    fg = bright > threshold
+    h, w = fg.shape
+    f = max(1, math.ceil(max(h, w) / grid))
+    hc, wc = -(-h // f), -(-w // f)
+    padded = np.zeros((hc * f, wc * f), dtype=bool)
+    padded[:h, :w] = fg
+    coarse = padded.reshape(hc, f, wc, f).mean(axis=(1, 3)) > 0.5
+    region = _fill_holes(_largest_component(coarse))
+    everywhere = np.ones_like(region)
+    core = ~_grow(~region, everywhere, diagonal=True)  # cells whose 8 neighbours are all in the region
+    rim = _grow(region, everywhere, diagonal=True) & ~core
+
+    def up(a):
+        return np.repeat(np.repeat(a, f, axis=0), f, axis=1)[:h, :w]
+
+    return up(core) | (up(rim) & fg), threshold
