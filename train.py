@@ -29,9 +29,9 @@ from train_utils.vessel_metrics import VesselMetrics
 
 # ``--demo``: a run small enough for a laptop CPU that still learns the synthetic vessels.
 # Flags given on the command line win over these.
-DEMO_DEFAULTS = dict(data_path="data/synthetic", output_dir="save_weights/demo", epochs=12, crop_size=96,
-                     base_size=128, base_c=16, batch_size=4, print_freq=5, device="cpu")
-DEMO_DATA = dict(num_train=12, num_test=4, height=128, width=124, seed=0)
+DEMO_DEFAULTS = dict(data_path="data/synthetic", output_dir="save_weights/demo", epochs=20, crop_size=96,
+                     base_size=128, base_c=16, batch_size=4, workers=0, print_freq=5, device="cpu")
+DEMO_DATA = dict(num_train=20, num_test=5, height=128, width=124, seed=0)
 
 
 def get_args_parser(add_help=True):
@@ -111,9 +111,15 @@ def check_args(args):
 
 
 def prepare_output_dir(path):
-    """Create ``path`` and prove it is writable, before hours of training depend on it."""
+    """Create ``path`` and prove it is writable, before hours of training depend on it.
+
+    Also removes temporary checkpoint files a killed run may have left behind.
+    """
     try:
         os.makedirs(path, exist_ok=True)
+        for name in os.listdir(path):
+            if name.startswith(".") and ".pth.tmp" in name:
+                os.remove(os.path.join(path, name))
         probe = os.path.join(path, f".write-test-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")

@@ -149,7 +149,7 @@ def init_distributed_mode(args):
     args.device = str(device)
     timeout = datetime.timedelta(minutes=float(getattr(args, "dist_timeout", 30)))
     dist_url = getattr(args, "dist_url", "env://")
-    print(f"| distributed init (rank {args.rank}/{args.world_size}, backend {args.dist_backend}): "
+    print(f"| distributed init (rank {args.rank}/{args.world_size}, backend {args.dist_backend}, pid {os.getpid()}): "
           f"{dist_url}", flush=True)
     dist.init_process_group(backend=args.dist_backend, init_method=dist_url, world_size=args.world_size,
                             rank=args.rank, timeout=timeout,

@@ -23,6 +23,8 @@ def run_cli(main, *args, debug=False):
         if debug:
             traceback.print_exc()
         kind = "" if isinstance(e, UserError) else f"{type(e).__name__}: "
+        if type(e).__module__.startswith("torch.distributed") or "DistBackendError" in type(e).__name__:
+            kind = "a process of the distributed run failed or timed out (see its own error above): " + kind
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {kind}{msg}", file=sys.stderr)
         sys.exit(1)
