@@ -1,0 +1,137 @@
+"""The shared encoder-decoder of the backbone U-Nets and loading their ImageNet encoder weights."""
+import os
+import pickle
+from typing import Dict, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from train_utils.errors import UserError
+
+from .unet import OutConv, Up
+
+# The normalisation the torchvision ImageNet weights were trained with; use it
+# instead of the DRIVE statistics when the encoder starts from those weights.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRETRAIN_ONLY_BACKBONES = "--pretrained-backbone applies to vgg16_unet and mobilenet_v3_unet"
+
+
+class BackboneUNet(nn.Module):
+    """U-Net decoder on the stages of a torchvision ``features`` Sequential.
+
+    ``stage_indices`` name the blocks of ``features`` whose outputs are the
+    skips, shallowest first; blocks after the last one are dropped. A path in
+    ``pretrain_backbone`` is a local ImageNet weight file for the encoder.
+    """
+
+    in_channels = 3
+    pretrained_mean = IMAGENET_MEAN
+    pretrained_std = IMAGENET_STD
+    weights_name = ""  # torchvision's name for the classifier, for messages
+
+    def __init__(self, features: nn.Sequential, stage_indices: Sequence[int], stage_out_channels: Sequence[int],
+                 num_classes: int, pretrain_backbone=False):
+        super().__init__()
+        self.num_classes = num_classes
+        self.stage_indices = tuple(stage_indices)
+        self.backbone = create_feature_extractor(features, {str(j): f"stage{i}" for i, j in enumerate(stage_indices)})
+        self.stage_out_channels = c = list(stage_out_channels)
+        self.up1 = Up(c[4] + c[3], c[3])
+        self.up2 = Up(c[3] + c[2], c[2])
+        self.up3 = Up(c[2] + c[1], c[1])
+        self.up4 = Up(c[1] + c[0], c[0])
+        self.conv = OutConv(c[0], num_classes)
+        if _is_path(pretrain_backbone):
+            load_backbone_weights(self, pretrain_backbone)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        input_hw = x.shape[-2:]
+        s = list(self.backbone(x).values())
+        x = self.up1(s[4], s[3])
+        x = self.up2(x, s[2])
+        x = self.up3(x, s[1])
+        x = self.up4(x, s[0])
+        x = self.conv(x)
+        # The shallowest stage may sit below the input resolution (MobileNet's is H/2).
+        if x.shape[-2:] != input_hw:
+            x = F.interpolate(x, size=input_hw, mode="bilinear", align_corners=False)
+        return {"out": x}
+
+
+def _is_path(x) -> bool:
+    return isinstance(x, (str, os.PathLike))
+
+
+def _encoder_state(state: dict, last_index: int) -> Tuple[str, Dict[str, object]]:
+    """The key prefix and the encoder entries of a classifier (``features.*``) or encoder-only state dict.
+
+    The classifier head and the ``features`` blocks after the last stage (e.g.
+    MobileNet's final 960-channel conv) are not part of the encoder: dropped.
+    """
+    prefix = "features." if any(str(k).startswith("features.") for k in state) else ""
+    state = {str(k)[len(prefix):]: v for k, v in state.items() if str(k).startswith(prefix)}
+    first = lambda k: k.split(".", 1)[0]  # noqa: E731
+    return prefix, {k: v for k, v in state.items() if not (first(k).isdigit() and int(first(k)) > last_index)}
+
+
+def load_backbone_weights(model: nn.Module, path) -> None:
+    """Load ImageNet encoder weights from a local torchvision weight file into ``model``.
+
+    ``path`` is the classifier's state dict as torchvision saves it (e.g.
+    ``vgg16_bn-6c64b313.pth``) or a state dict of its ``features`` alone. The
+    file is read with ``weights_only=True``: it can hold tensors only, never code.
+    """
+    model = getattr(model, "module", model)  # accept a DDP-wrapped model
+    if not isinstance(model, BackboneUNet):
+        raise UserError(PRETRAIN_ONLY_BACKBONES)
+    path = os.fspath(path)
+    what = f"{path} does not fit the {model.weights_name} encoder"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"backbone weight file not found: {path}") from None
+    except pickle.UnpicklingError as e:
+        # weights_only refuses any object but tensors and plain containers, so
+        # a file that would run code on loading stops here, before it runs.
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
+        raise UserError(f"refusing {path}: not a plain state dict of tensors ({reason.strip()})") from None
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
+        raise UserError(f"cannot read backbone weights from {path} (not a torch.save file?): {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{what}: expected a state dict, found {type(state).__name__}")
+
+    prefix, state = _encoder_state(state, max(model.stage_indices))
+    own = model.backbone.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    if missing:
+        raise UserError(f"{what}: missing key {prefix + missing[0]!r}")
+    if unexpected:
+        raise UserError(f"{what}: unexpected key {prefix + unexpected[0]!r}")
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor) or v.shape != own[k].shape:
+            found = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise UserError(f"{what}: key {prefix + k!r} is {found}, expected {tuple(own[k].shape)}")
+    # Old torchvision files predate BN's num_batches_tracked: keep the model's own.
+    own.update(state)
+    model.backbone.load_state_dict(own)
+
+
+def backbone_features(builder, weights, pretrain_backbone) -> nn.Sequential:
+    """``builder(weights=...).features``, with the ImageNet ``weights`` when ``pretrain_backbone`` is true.
+
+    torchvision downloads them once into the torch hub cache. A path in
+    ``pretrain_backbone`` is not handled here: ``BackboneUNet`` loads it once
+    the model exists.
+    """
+    weights = weights if pretrain_backbone and not _is_path(pretrain_backbone) else None
+    try:
+        return builder(weights=weights).features
+    except OSError as e:  # urllib's URLError is an OSError: no network and nothing in the torch hub cache
+        if weights is None:
+            raise
+        raise UserError(f"cannot download {weights.url} ({e}); fetch it elsewhere and give its local path instead") from None
