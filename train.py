@@ -58,7 +58,8 @@ def get_args_parser(add_help=True):
                              "of every epoch instead")
     parser.add_argument("--amp", action="store_true",
                         help="mixed precision: float16 on CUDA (see --amp-dtype), bfloat16 on the CPU")
-    parser.add_argument("--amp-dtype", default=None, choices=["float16", "bfloat16"])
+    parser.add_argument("--amp-dtype", default=None, choices=["float16", "bfloat16"],
+                        help="with --amp: the autocast dtype (default float16 on CUDA, bfloat16 on the CPU)")
     parser.add_argument("--crop-size", default=CROP_SIZE, type=int, help="training crop (pixels)")
     parser.add_argument("--base-size", default=BASE_SIZE, type=int,
                         help="random resize of the shorter side to [0.5, 1.2] x this")
@@ -204,7 +205,7 @@ def main(args):
         eval_model = torch.compile(model_without_ddp)
         run_model = torch.compile(model) if args.distributed else eval_model
 
-    amp_dtype = autocast_dtype(device, getattr(torch, args.amp_dtype) if (args.amp and args.amp_dtype) else args.amp)
+    amp_dtype = autocast_dtype(device, args.amp, args.amp_dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     params_to_optimize = [p for p in model_without_ddp.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params_to_optimize, lr=args.lr, momentum=args.momentum,

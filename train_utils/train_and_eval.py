@@ -31,13 +31,23 @@ class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite: training stops instead of writing garbage weights."""
 
 
-def autocast_dtype(device, amp):
-    """The autocast dtype for ``--amp``: fp16 on CUDA (bf16 if asked), bf16 on the CPU; None without AMP."""
+def autocast_dtype(device, amp, dtype=None):
+    """The autocast dtype for ``--amp``: ``dtype`` if named, else float16 on CUDA and bfloat16 on the CPU.
+
+    None without AMP.
+    """
     if not amp:
         return None
-    if isinstance(amp, torch.dtype):
-        return amp
+    if dtype:
+        return getattr(torch, dtype)
     return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def _to_device(image, target, device, channels_last):
+    image = image.to(device, non_blocking=True)
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    return image, target.to(device, non_blocking=True)
 
 
 def train_one_epoch(model, optimizer, data_loader, device, epoch, num_classes,
@@ -57,10 +67,7 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, num_classes,
     loss_weight = torch.as_tensor([1.0, 2.0], device=device) if num_classes == 2 else None
     lr = optimizer.param_groups[0]["lr"]
     for step, (image, target) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
-        image = image.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
-        if channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
+        image, target = _to_device(image, target, device, channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             output = model(image)
             loss = criterion(output, target, loss_weight, num_classes=num_classes, ignore_index=255)
@@ -97,10 +104,7 @@ def evaluate(model, data_loader, device, num_classes, amp_dtype=None, channels_l
     dice = utils.DiceCoefficient(num_classes=num_classes, ignore_index=255)
     metric_logger = utils.MetricLogger(delimiter="  ")
     for image, target in metric_logger.log_every(data_loader, print_freq, "Test:"):
-        image = image.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
-        if channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
+        image, target = _to_device(image, target, device, channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             output = model(image)["out"]
         output = output.float()
