@@ -29,8 +29,8 @@ from train_utils.vessel_metrics import VesselMetrics
 
 # ``--demo``: a run small enough for a laptop CPU that still learns the synthetic vessels.
 # Flags given on the command line win over these.
-DEMO_DEFAULTS = dict(data_path="data/synthetic", output_dir="save_weights/demo", epochs=20, crop_size=96,
-                     base_size=128, base_c=16, batch_size=4, workers=0, print_freq=5, device="cpu")
+DEMO_DEFAULTS = dict(data_path="data/synthetic", output_dir="save_weights/demo", epochs=30, crop_size=96,
+                     base_size=128, base_c=16, batch_size=4, workers=0, print_freq=5, device="cpu", seed=0)
 DEMO_DATA = dict(num_train=20, num_test=5, height=128, width=124, seed=0)
 
 
