@@ -33,7 +33,7 @@ from my_dataset import binary_from_gray, read_image
 from train_utils.checkpoint import load_checkpoint, load_model_state, model_kwargs
 from train_utils.distributed_utils import resolve_device
 from train_utils.errors import UserError, run_cli
-from train_utils.inference import estimate_fov, predict_probabilities, size_multiple
+from train_utils.inference import estimate_fov, inference_model, predict_probabilities, size_multiple
 from train_utils.train_and_eval import autocast_dtype
 from train_utils.transforms import DRIVE_MEAN, DRIVE_STD
 
@@ -226,10 +226,7 @@ def load_model(weights, device, channels_last=True):
     except ValueError as e:
         raise UserError(f"checkpoint '{weights}': {e}") from None
     load_model_state(model, ckpt["model"], weights)
-    model.eval().to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model, saved, kwargs
+    return inference_model(model.to(device), channels_last), saved, kwargs
 
 
 def batches_of_same_size(inputs, sizes, batch_size):

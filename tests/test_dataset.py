@@ -1,6 +1,5 @@
 """DriveDataset, collate_fn, the synthetic writer, and the paired transforms."""
 import os
-import shutil
 
 import numpy as np
 import pytest

@@ -10,13 +10,46 @@ tile is predicted whole, with the same code.
 ``estimate_fov`` finds the circular field of view of a fundus photograph from
 its dark border (numpy only).
 """
+import copy
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .transforms import normalize_image
+
+
+def fuse_conv_bn(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every BatchNorm folded into the convolution before it.
+
+    In evaluation BatchNorm is a fixed per-channel affine map, so it can live in
+    the convolution's weights and bias: one pass over each activation less
+    (about 16% of a U-Net forward on the CPU), the same outputs up to float
+    rounding (~1e-7). Pairs are found inside ``nn.Sequential`` blocks (the U-Net's
+    ``DoubleConv``, torchvision's conv-BN-activation blocks); the folded BN
+    becomes ``nn.Identity``. The original model is not touched.
+    """
+    fused = copy.deepcopy(model).eval()
+    for module in fused.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        names = list(module._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = module._modules[a], module._modules[b]
+            if (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
+                    and bn.running_mean is not None):
+                module._modules[a] = fuse_conv_bn_eval(conv, bn)
+                module._modules[b] = nn.Identity()
+    return fused
+
+
+def inference_model(model: nn.Module, channels_last: bool = True) -> nn.Module:
+    """The fastest exact form of ``model`` for evaluation: BatchNorm folded in, channels_last if asked."""
+    fused = fuse_conv_bn(model)
+    return fused.to(memory_format=torch.channels_last) if channels_last else fused
 
 
 def size_multiple(model_name: str) -> int:
