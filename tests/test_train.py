@@ -122,6 +122,7 @@ class _Exploit:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_checkpoint_that_runs_code_is_refused(drive_root, tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
