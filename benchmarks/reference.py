@@ -27,6 +27,8 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from train_utils import distributed_utils as utils  # the baseline overrides only what the tutorial did differently
+
 DRIVE_MEAN = (0.709, 0.381, 0.224)
 DRIVE_STD = (0.127, 0.079, 0.043)
 
@@ -258,10 +260,8 @@ def cat_list(images, fill_value=0):
 # validation metrics with a host sync per update
 
 
-class ConfusionMatrix:
-    def __init__(self, num_classes):
-        self.num_classes = num_classes
-        self.mat = None
+class ConfusionMatrix(utils.ConfusionMatrix):
+    """The project's matrix (same compute and printout) with the tutorial's update."""
 
     def update(self, a, b):
         n = self.num_classes
@@ -272,36 +272,18 @@ class ConfusionMatrix:
             inds = n * a[k].to(torch.int64) + b[k]  # boolean indexing: output size known only on the host
             self.mat += torch.bincount(inds, minlength=n ** 2).reshape(n, n)
 
-    def compute(self):
-        h = self.mat.float()
-        acc_global = torch.diag(h).sum() / h.sum()
-        acc = torch.diag(h) / h.sum(1)
-        iu = torch.diag(h) / (h.sum(1) + h.sum(0) - torch.diag(h))
-        return acc_global, acc, iu
 
-
-class DiceCoefficient:
-    def __init__(self, num_classes=2, ignore_index=-100):
-        self.cumulative_dice = None
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
-        self.count = None
+class DiceCoefficient(utils.DiceCoefficient):
+    """The tutorial's per-batch dice: the batch's mean added once per update (one host sync in the loop dice)."""
 
     def update(self, pred, target):
         if self.cumulative_dice is None:
             self.cumulative_dice = torch.zeros(1, dtype=pred.dtype, device=pred.device)
-        if self.count is None:
             self.count = torch.zeros(1, dtype=pred.dtype, device=pred.device)
         pred = F.one_hot(pred.argmax(dim=1), self.num_classes).permute(0, 3, 1, 2).float()
         dice_target = build_target(target, self.num_classes, self.ignore_index)
         self.cumulative_dice += multiclass_dice_coeff(pred[:, 1:], dice_target[:, 1:], ignore_index=self.ignore_index)
         self.count += 1
-
-    @property
-    def value(self):
-        if self.count == 0:
-            return 0
-        return self.cumulative_dice / self.count
 
 
 # ---------------------------------------------------------------------------
