@@ -10,8 +10,10 @@ import datetime
 import io
 import json
 import os
+import random
 import time
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
@@ -157,10 +159,36 @@ def memory_formats(device, channels_last=None):
     return channels_last, channels_last
 
 
-def seed_everything(seed):
-    import random
+def build_data_loaders(args, device):
+    """(train loader or None under --test-only, validation loader).
 
-    import numpy as np
+    Under DDP the training set is shuffled per epoch by a DistributedSampler and
+    every validation image goes to exactly one process.
+    """
+    val_dataset = DriveDataset(args.data_path, train=False, transforms=get_transform(False, args.mean, args.std))
+    num_workers = default_workers(device, args.batch_size, args.workers)
+    pin = device.type == "cuda"
+    val_sampler = utils.ShardedEvalSampler(val_dataset) if args.distributed else SequentialSampler(val_dataset)
+    val_loader = DataLoader(val_dataset, batch_size=1, sampler=val_sampler, num_workers=min(num_workers, 2),
+                            pin_memory=pin, collate_fn=DriveDataset.collate_fn)
+    if args.test_only:
+        return None, val_loader
+
+    train_dataset = DriveDataset(args.data_path, train=True, transforms=get_transform(
+        True, args.mean, args.std, base_size=args.base_size, crop_size=args.crop_size))
+    if args.batch_size > len(train_dataset) // args.world_size:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_dataset)} training images"
+                        + (f" split over {args.world_size} processes" if args.distributed else ""))
+    if args.distributed:
+        train_sampler = DistributedSampler(train_dataset, shuffle=True, seed=args.seed or 0)
+    else:
+        train_sampler = RandomSampler(train_dataset)
+    train_loader = DataLoader(train_dataset, batch_size=args.batch_size, sampler=train_sampler,
+                              num_workers=num_workers, pin_memory=pin, collate_fn=DriveDataset.collate_fn)
+    return train_loader, val_loader
+
+
+def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -193,27 +221,7 @@ def main(args):
     if utils.is_main_process() and not args.test_only:
         prepare_output_dir(args.output_dir)
 
-    val_dataset = DriveDataset(args.data_path, train=False, transforms=get_transform(False, args.mean, args.std))
-    train_dataset = None
-    if not args.test_only:
-        train_dataset = DriveDataset(args.data_path, train=True, transforms=get_transform(
-            True, args.mean, args.std, base_size=args.base_size, crop_size=args.crop_size))
-        per_process = len(train_dataset) // args.world_size
-        if args.batch_size > per_process:
-            raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_dataset)} training images"
-                            + (f" split over {args.world_size} processes" if args.distributed else ""))
-
-    num_workers = default_workers(device, args.batch_size, args.workers)
-    pin = device.type == "cuda"
-    if args.distributed:
-        train_sampler = DistributedSampler(train_dataset, shuffle=True, seed=args.seed or 0) if train_dataset else None
-        val_sampler = utils.ShardedEvalSampler(val_dataset)
-    else:
-        train_sampler = RandomSampler(train_dataset) if train_dataset else None
-        val_sampler = SequentialSampler(val_dataset)
-    val_loader = DataLoader(val_dataset, batch_size=1, sampler=val_sampler, num_workers=min(num_workers, 2),
-                            pin_memory=pin, collate_fn=DriveDataset.collate_fn)
-
+    train_loader, val_loader = build_data_loaders(args, device)
     model = create_model(num_classes, args.base_c, args.model, args.pretrained_backbone).to(device)
     train_channels_last, eval_channels_last = memory_formats(device, args.channels_last)
     if train_channels_last:
@@ -241,10 +249,7 @@ def main(args):
     params_to_optimize = [p for p in model_without_ddp.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params_to_optimize, lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    train_loader = None
-    if train_dataset is not None:
-        train_loader = DataLoader(train_dataset, batch_size=args.batch_size, sampler=train_sampler,
-                                  num_workers=num_workers, pin_memory=pin, collate_fn=DriveDataset.collate_fn)
+    if train_loader is not None:
         lr_scheduler = create_lr_scheduler(optimizer, len(train_loader), args.epochs, warmup=True)
 
     best_dice = 0.0
@@ -278,7 +283,7 @@ def main(args):
     last_epoch = args.epochs if args.stop_epoch is None else min(args.epochs, args.stop_epoch + 1)
     for epoch in range(args.start_epoch, last_epoch):
         if args.distributed:
-            train_sampler.set_epoch(epoch)
+            train_loader.sampler.set_epoch(epoch)
         epoch_start = time.time()
         mean_loss, lr = train_one_epoch(run_model, optimizer, train_loader, device, epoch, num_classes,
                                         lr_scheduler=lr_scheduler, print_freq=args.print_freq, scaler=scaler,
