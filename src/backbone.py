@@ -1,6 +1,5 @@
 """The shared encoder-decoder of the backbone U-Nets and loading their ImageNet encoder weights."""
 import os
-import pickle
 from typing import Dict, Sequence, Tuple
 
 import torch
@@ -8,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from train_utils.checkpoint import safe_load
 from train_utils.errors import UserError
 
 from .unet import OutConv, Up
@@ -89,18 +89,7 @@ def load_backbone_weights(model: nn.Module, path) -> None:
         raise UserError(PRETRAIN_ONLY_BACKBONES)
     path = os.fspath(path)
     what = f"{path} does not fit the {model.weights_name} encoder"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"backbone weight file not found: {path}") from None
-    except pickle.UnpicklingError as e:
-        # weights_only refuses any object but tensors and plain containers, so
-        # a file that would run code on loading stops here, before it runs.
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
-        raise UserError(f"refusing {path}: not a plain state dict of tensors ({reason.strip()})") from None
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
-        raise UserError(f"cannot read backbone weights from {path} (not a torch.save file?): {type(e).__name__}: {e}") from None
+    state = safe_load(path, what="backbone weight file")
     if not isinstance(state, dict):
         raise UserError(f"{what}: expected a state dict, found {type(state).__name__}")
 

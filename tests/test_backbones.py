@@ -171,7 +171,7 @@ def test_file_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pth"
     torch.save({"features.0.0.weight": _RunsCode(marker)}, path)
-    with pytest.raises(UserError, match="refusing .*evil.pth"):
+    with pytest.raises(UserError, match="refusing to load .*evil.pth"):
         load_backbone_weights(MobileV3Unet(num_classes=2), path)
     assert not marker.exists()
     # Control: the payload is live, so the refusal above is what kept it from running.

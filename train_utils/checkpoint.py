@@ -71,22 +71,28 @@ def save_checkpoint(state, path):
         pass
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint of this project, refusing anything that is not plain data.
+def safe_load(path, map_location="cpu", what="checkpoint"):
+    """``torch.load(path, weights_only=True)`` with every failure as one clear ``UserError``.
 
     ``weights_only=True`` makes the unpickler reject every object that could run
-    code; the refusal becomes one clear line.
+    code, before it runs; the refusal names the file.
     """
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint '{path}' does not exist")
+        raise UserError(f"{what} '{path}' not found")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
         raise UserError(f"refusing to load '{path}': it holds objects other than tensors and plain data, "
-                        f"which could run code ({first})") from None
+                        f"which could run code ({reason})") from None
     except Exception as e:  # noqa: BLE001 - torch raises many kinds (KeyError, RuntimeError, EOFError, ...) for junk
-        raise UserError(f"'{path}' is not a readable PyTorch checkpoint ({' '.join(str(e).split())[:200]})") from None
+        raise UserError(f"'{path}' is not a readable PyTorch {what} ({' '.join(str(e).split())[:200]})") from None
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint of this project (plain data only) and check it has what the scripts need."""
+    ckpt = safe_load(path, map_location)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise UserError(f"'{path}' is not a checkpoint of this project (no 'model' state dict in it)")
     if not isinstance(ckpt.get("args", {}), dict):
