@@ -23,8 +23,10 @@ min(cpus, batch, 8), train.py's none on the CPU (``--workers-a`` /
 Both use the project's ``UNet`` with the same initial weights. Timings are
 medians over repeats, with the two configurations interleaved (and their
 order alternated) so that background load hits both alike. Peak memory is
-measured in a separate spawned process per configuration (its own VmHWM /
-ru_maxrss), running that configuration's training steps only.
+measured in separate spawned processes per configuration (each its own VmHWM /
+ru_maxrss), running that configuration's training steps only; the median of
+``--memory-repeats`` processes is reported, since the allocator moves a single
+run's peak by about +-100 MB.
 This is a benchmark, not a test: it prints numbers and ratios.
 """
 import argparse
@@ -102,13 +104,17 @@ def get_args_parser():
                              "its validation loader takes at most 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-config peak-memory processes")
+    parser.add_argument("--memory-repeats", type=int, default=None,
+                        help="peak-memory processes per config, medians reported (default 3; quick 1): "
+                             "glibc's allocator moves one run's peak by about +-100 MB")
     parser.add_argument("--json", default=None, metavar="OUT", help="write every sample and summary here")
     return parser
 
 
 def fill_defaults(args):
     quick = args.quick
-    defaults = dict(repeats=(2, 5), epoch_repeats=(1, 3), images=(4, 8), val_images=(2, 4), loader_images=(16, 32))
+    defaults = dict(repeats=(2, 5), epoch_repeats=(1, 3), images=(4, 8), val_images=(2, 4), loader_images=(16, 32),
+                    memory_repeats=(1, 3))
     for name, (q, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, q if quick else full)
@@ -127,7 +133,7 @@ def fill_defaults(args):
     if min(args.workers_a, args.workers_b) < 0:
         sys.exit("error: worker counts must be >= 0")
     for name in ("repeats", "epoch_repeats", "images", "val_images", "loader_images", "batch_size", "crop_size",
-                 "base_c", "threads"):
+                 "base_c", "threads", "memory_repeats"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1")
     if args.images < args.batch_size:
@@ -357,6 +363,26 @@ def measure_memory(config, args, root):
     return out
 
 
+def measure_memory_repeated(args, root):
+    """Each config's peak memory over ``--memory-repeats`` fresh processes (interleaved): medians and samples."""
+    samples = {"a": [], "b": []}
+    for r in range(args.memory_repeats):
+        for name in (("a", "b") if r % 2 == 0 else ("b", "a")):
+            samples[name].append(measure_memory(name, args, root))
+        print("  peak MB: " + ", ".join(f"{n} {samples[n][-1].get('vmhwm_kb', 0) / 1024:.0f}" for n in "ab"),
+              flush=True)
+    out = {}
+    for name, runs in samples.items():
+        failed = [run for run in runs if "error" in run]
+        if failed:
+            out[name] = failed[0]
+            continue
+        out[name] = {k: statistics.median(run[k] for run in runs) for k, v in runs[0].items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        out[name]["samples"] = runs
+    return out
+
+
 # ---------------------------------------------------------------------------
 # the measurements
 
@@ -523,7 +549,8 @@ def summarise(results, args):
     mem = s.get("memory")
     if mem and "error" not in mem["a"] and "error" not in mem["b"]:
         key = "vmhwm_kb" if mem["a"].get("vmhwm_kb") else "ru_maxrss_kb"
-        add("peak resident memory, train step (MB)", mem["a"][key] / 1024, mem["b"][key] / 1024, "memory")
+        add(f"peak resident memory, train step (MB, median of {args.memory_repeats})", mem["a"][key] / 1024,
+            mem["b"][key] / 1024, "memory")
         add("  of which setup: import, model, data (MB)", mem["a"]["setup_rss_kb"] / 1024,
             mem["b"]["setup_rss_kb"] / 1024, "memory")
         if "cuda_peak_bytes" in mem["a"]:
@@ -575,7 +602,7 @@ def print_table(rows, results, args):
     by = {r["metric"].strip(): r for r in rows}
     checks = [("one epoch >= 1.4x faster", by["epoch: train + validation (s)"]["speedup"] >= 1.4),
               ("validation >= 1.5x faster per image", by["validation (s / image)"]["speedup"] >= 1.5)]
-    mem_row = by.get("peak resident memory, train step (MB)")
+    mem_row = next((row for label, row in by.items() if label.startswith("peak resident memory")), None)
     if mem_row:
         checks.append(("peak memory of (b) not above (a)", mem_row["b"] <= mem_row["a"]))
     print()
@@ -624,7 +651,7 @@ def main():
 
     if not args.no_memory:
         print("peak memory: one spawned process per config ...", flush=True)
-        results["memory"] = {name: measure_memory(name, args, root) for name in ("a", "b")}
+        results["memory"] = measure_memory_repeated(args, root)
 
     # Both models from the same initial weights; (b) converted to channels_last.
     model_a = new_model(args, device, "a")
