@@ -27,7 +27,7 @@ from train_utils.errors import UserError, run_cli
 from train_utils.inference import inference_model
 from train_utils.train_and_eval import autocast_dtype, create_lr_scheduler, evaluate, train_one_epoch
 from train_utils.transforms import BASE_SIZE, CROP_SIZE, DRIVE_MEAN, DRIVE_STD, get_transform
-from train_utils.vessel_metrics import VesselMetrics
+from train_utils.vessel_metrics import VesselMetrics, format_metrics
 
 # ``--demo``: a run small enough for a laptop CPU that still learns the synthetic vessels.
 # Flags given on the command line win over these.
@@ -300,9 +300,9 @@ def main(args):
             val_info = str(confmat)
             with open(results_file, "a") as f:
                 f.write(f"[epoch: {epoch}]\ntrain_loss: {mean_loss:.4f}\nlr: {lr:.6f}\n"
-                        f"dice coefficient: {dice:.3f}\n{val_info}\n{vessel}\n\n")
+                        f"dice coefficient: {dice:.3f}\n{val_info}\n{format_metrics(vessel)}\n\n")
             record = {"epoch": epoch, "train_loss": mean_loss, "lr": lr, "dice": dice,
-                      **confmat.summary(), **vessel.compute(), "epoch_time": time.time() - epoch_start}
+                      **confmat.summary(), **vessel, "epoch_time": time.time() - epoch_start}
             with open(log_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -339,14 +339,19 @@ def gather_rng_states():
 
 
 def report_validation(model, val_loader, device, num_classes, amp_dtype, channels_last):
-    """Evaluate and print the tutorial's block, ``dice coefficient: x`` and the vessel metrics."""
+    """Evaluate and print the tutorial's block, ``dice coefficient: x`` and the vessel metrics.
+
+    Returns (confusion matrix, dice, vessel metrics as a dict): the AUC sorts every
+    validation pixel, so it is computed once here.
+    """
     vessel = VesselMetrics(ignore_index=255)
     confmat, dice = evaluate(model, val_loader, device=device, num_classes=num_classes, amp_dtype=amp_dtype,
                              channels_last=channels_last, vessel_metrics=vessel)
+    vessel_values = vessel.compute()
     print(confmat)
     print(f"dice coefficient: {dice:.3f}")
-    print(vessel)
-    return confmat, dice, vessel
+    print(format_metrics(vessel_values))
+    return confmat, dice, vessel_values
 
 
 def cli(parser, argv=None):

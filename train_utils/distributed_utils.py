@@ -52,7 +52,7 @@ def mkdir(path):
             raise
 
 
-def _reduce_device():
+def collective_device():
     """The device a collective needs its tensors on: CUDA for NCCL, the CPU for gloo."""
     if is_dist_avail_and_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -63,7 +63,7 @@ def reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over all processes (itself on one process)."""
     if not is_dist_avail_and_initialized():
         return value
-    value = value.detach().to(_reduce_device(), dtype=torch.float64, copy=True)
+    value = value.detach().to(collective_device(), dtype=torch.float64, copy=True)
     dist.all_reduce(value)
     return value / get_world_size()
 
@@ -204,7 +204,7 @@ class SmoothedValue:
         """Sum count and total over processes (the window stays local)."""
         if not is_dist_avail_and_initialized():
             return
-        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=_reduce_device())
+        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=collective_device())
         dist.barrier()
         dist.all_reduce(t)
         self.count = int(t[0].item())
@@ -335,7 +335,7 @@ class ConfusionMatrix:
         if is_dist_avail_and_initialized():
             if self.mat is None:  # a rank with no validation images still takes part
                 self.mat = torch.zeros((self.num_classes, self.num_classes), dtype=torch.int64)
-            mat = self.mat.to(_reduce_device())
+            mat = self.mat.to(collective_device())
             dist.all_reduce(mat)
             self.mat = mat.to(self.mat.device)
 
@@ -400,6 +400,6 @@ class DiceCoefficient:
         if self.cumulative_dice is None:  # a rank with no validation images still takes part
             self.cumulative_dice = torch.zeros(1, dtype=torch.float64)
             self.count = torch.zeros(1, dtype=torch.float64)
-        t = torch.cat([self.cumulative_dice, self.count]).to(_reduce_device())
+        t = torch.cat([self.cumulative_dice, self.count]).to(collective_device())
         dist.all_reduce(t)
         self.cumulative_dice, self.count = t[:1], t[1:]

@@ -2,6 +2,8 @@
 import torch
 import torch.distributed as dist
 
+from .distributed_utils import collective_device
+
 
 class VesselMetrics:
     """Pools every non-ignored pixel of every validation image, as vessel papers report.
@@ -66,12 +68,8 @@ class VesselMetrics:
         return scores[keep], labels[keep]
 
     def _device(self):
-        if self.counts is not None:
-            return self.counts.device
         # A rank that saw no batch still has to join the collectives, on a device its backend accepts.
-        if dist.get_backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        return self.counts.device if self.counts is not None else collective_device()
 
     def reduce_from_all_processes(self):
         """Sum the counts and gather every rank's pixel scores (no-op without torch.distributed)."""
@@ -128,4 +126,9 @@ class VesselMetrics:
         }
 
     def __str__(self):
-        return "\n".join(f"{name}: {value:.4f}" for name, value in self.compute().items())
+        return format_metrics(self.compute())
+
+
+def format_metrics(values):
+    """``compute()``'s dict as printed and logged: one ``name: value`` line each."""
+    return "\n".join(f"{name}: {value:.4f}" for name, value in values.items())
