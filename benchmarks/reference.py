@@ -131,25 +131,17 @@ class RandomResize:
         return image, target
 
 
-class RandomHorizontalFlip:
-    def __init__(self, flip_prob):
+class RandomFlip:
+    """The tutorial's RandomHorizontalFlip / RandomVerticalFlip, one class for both (``flip`` is TF.hflip or TF.vflip)."""
+
+    def __init__(self, flip_prob, flip):
         self.flip_prob = flip_prob
+        self.flip = flip
 
     def __call__(self, image, target):
         if random.random() < self.flip_prob:
-            image = TF.hflip(image)
-            target = TF.hflip(target)
-        return image, target
-
-
-class RandomVerticalFlip:
-    def __init__(self, flip_prob):
-        self.flip_prob = flip_prob
-
-    def __call__(self, image, target):
-        if random.random() < self.flip_prob:
-            image = TF.vflip(image)
-            target = TF.vflip(target)
+            image = self.flip(image)
+            target = self.flip(target)
         return image, target
 
 
@@ -189,9 +181,9 @@ class SegmentationPresetTrain:
         max_size = int(1.2 * base_size)
         trans = [RandomResize(min_size, max_size)]
         if hflip_prob > 0:
-            trans.append(RandomHorizontalFlip(hflip_prob))
+            trans.append(RandomFlip(hflip_prob, TF.hflip))
         if vflip_prob > 0:
-            trans.append(RandomVerticalFlip(vflip_prob))
+            trans.append(RandomFlip(vflip_prob, TF.vflip))
         trans += [RandomCrop(crop_size), ToTensor(), Normalize(mean=mean, std=std)]
         self.transforms = Compose(trans)
 
