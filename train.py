@@ -9,6 +9,7 @@ import argparse
 import datetime
 import io
 import json
+import math
 import os
 import random
 import time
@@ -304,7 +305,7 @@ def main(args):
             record = {"epoch": epoch, "train_loss": mean_loss, "lr": lr, "dice": dice,
                       **confmat.summary(), **vessel, "epoch_time": time.time() - epoch_start}
             with open(log_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
             save_file = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                          "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "best_dice": best_dice,
@@ -323,6 +324,17 @@ def main(args):
     print(f"training time {datetime.timedelta(seconds=int(total_time))}; best dice coefficient: {best_dice:.3f}")
     if args.distributed:
         torch.distributed.barrier()
+
+
+def json_safe(value):
+    """NaN/inf as null, recursively: a split without vessels has no AUC or vessel IoU, and strict JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def gather_rng_states():

@@ -169,3 +169,20 @@ def test_cli_errors_are_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "DRIVE" in lines[0], r.stderr
     r = run_script("train.py", "--amp", "False")  # type=bool made this turn AMP *on*
     assert r.returncode == 2 and "unrecognized arguments: False" in r.stderr
+
+
+def test_log_is_strict_json_when_a_metric_is_undefined(tmp_path):
+    """A test split without vessels has no ROC AUC: log.jsonl holds null, not a bare NaN."""
+    import numpy as np
+    from PIL import Image
+
+    from my_dataset import write_synthetic_drive
+    root = tmp_path / "data"
+    write_synthetic_drive(str(root), num_train=4, num_test=1, height=64, width=60, seed=2)
+    Image.fromarray(np.zeros((64, 60), dtype=np.uint8)).save(root / "DRIVE/test/1st_manual/01_manual1.gif")
+    out = tmp_path / "run"
+    train.main(parse("--data-path", root, "--output-dir", out, "--epochs", 1, *TINY_TRAIN))
+    text = (out / "log.jsonl").read_text()
+    assert "NaN" not in text
+    record = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert record["auc"] is None and isinstance(record["dice"], float)
