@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from my_dataset import binary_from_gray, drive_files, read_image
+from my_dataset import drive_files, read_binary, read_image
 from train_utils.errors import UserError, run_cli
 
 CHANNELS = 3
@@ -63,10 +63,7 @@ def compute_mean_std(root, split="training"):
     image_means, image_stds = [], []
     for img_path, _, mask_path in files:
         img = read_image(img_path, "RGB")
-        fov = binary_from_gray(read_image(mask_path, "L"))
-        if fov.shape != img.shape[:2]:
-            raise UserError(f"FOV mask '{mask_path}' is {fov.shape[1]}x{fov.shape[0]} but its image '{img_path}' "
-                            f"is {img.shape[1]}x{img.shape[0]} (width x height)")
+        fov = read_binary(mask_path, img_path, img.shape[:2])
         pixels = img[fov]  # [n, 3] uint8
         if pixels.shape[0] == 0:
             raise UserError(f"FOV mask '{mask_path}' selects no pixels (is it all black?)")

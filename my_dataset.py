@@ -71,15 +71,20 @@ def binary_from_gray(gray):
     return gray >= 128
 
 
+def read_binary(path, img_path, shape):
+    """A label or FOV mask as a bool map, checked to be the size (H, W) of its image ``img_path``."""
+    arr = binary_from_gray(read_image(path, "L"))
+    if arr.shape != tuple(shape):
+        raise UserError(f"'{path}' is {arr.shape[1]}x{arr.shape[0]} but its image '{img_path}' is "
+                        f"{shape[1]}x{shape[0]} (width x height)")
+    return arr
+
+
 def load_sample(img_path, manual_path, mask_path):
     """(image uint8 [3, H, W], target uint8 [H, W]) with target 0/1 inside the FOV and 255 outside."""
     img = read_image(img_path, "RGB")
-    vessel = binary_from_gray(read_image(manual_path, "L"))
-    fov = binary_from_gray(read_image(mask_path, "L"))
-    for path, arr in ((manual_path, vessel), (mask_path, fov)):
-        if arr.shape != img.shape[:2]:
-            raise UserError(f"'{path}' is {arr.shape[1]}x{arr.shape[0]} but its image '{img_path}' is "
-                            f"{img.shape[1]}x{img.shape[0]} (width x height)")
+    vessel = read_binary(manual_path, img_path, img.shape[:2])
+    fov = read_binary(mask_path, img_path, img.shape[:2])
     target = np.where(fov, vessel.astype(np.uint8), IGNORE_INDEX).astype(np.uint8)
     return torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.from_numpy(target)
 

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 import src
-from my_dataset import binary_from_gray, read_image
+from my_dataset import read_binary, read_image
 from train_utils.checkpoint import load_checkpoint, load_model_state, model_kwargs
 from train_utils.distributed_utils import resolve_device
 from train_utils.errors import UserError, run_cli
@@ -168,13 +168,6 @@ def output_paths(args, inputs, mask_files):
     return plans
 
 
-def load_fov(mask_path, img_path, shape):
-    fov = binary_from_gray(read_image(mask_path, "L"))
-    if fov.shape != shape:
-        raise UserError(f"FOV mask '{mask_path}' is {fov.shape[1]}x{fov.shape[0]} but image '{img_path}' is "
-                        f"{shape[1]}x{shape[0]} (width x height)")
-    return fov
-
 
 def colour_overlay(image, classes):
     """The photograph with every foreground class blended in its colour."""
@@ -274,7 +267,7 @@ def main(args):
             t1 = time.perf_counter()
             h, w = images[k].shape[:2]
             if mask_files[i]:
-                fov = load_fov(mask_files[i], inputs[i], (h, w))
+                fov = read_binary(mask_files[i], inputs[i], (h, w))
                 fov_note = ""
             else:
                 fov, threshold = estimate_fov(images[k])
