@@ -2,8 +2,11 @@
 
 Images are ``tv_tensors.Image`` (uint8, CHW) and targets ``tv_tensors.Mask``
 (uint8: 0 background, 1.. classes, 255 ignored), so every random transform
-applies the same parameters to both, resizes the mask with nearest-neighbour
-and never blends class indices.
+applies the same parameters to both and never blends class indices.
+
+Every geometric transform keeps the label on its image: the resize samples
+the mask with a centre-aligned nearest neighbour (as PIL's nearest, which the
+tutorial uses), flips and crops move both by whole pixels.
 """
 import torch
 from torchvision import tv_tensors
@@ -43,6 +46,35 @@ class PadIfSmaller(v2.Transform):
         return F.pad(inpt, padding=[0, 0, params["padw"], params["padh"]], fill=fill)
 
 
+class RandomResize(v2.Transform):
+    """Resize the shorter side to a random integer in ``[min_size, max_size]`` (both included).
+
+    The image is resized bilinearly with antialiasing (PIL's bilinear, the
+    tutorial's). The mask takes, for each output pixel, the source pixel under
+    its centre (``NEAREST_EXACT``, as PIL's nearest). torchvision's own
+    ``RandomResize`` gives masks the legacy ``NEAREST``, which samples the top-left
+    of each source cell instead: a label then sits up to half a pixel off its
+    image, on vessels 1 to 3 pixels wide.
+    """
+
+    def __init__(self, min_size, max_size):
+        super().__init__()
+        self.min_size = min_size
+        self.max_size = max_size
+
+    def make_params(self, flat_inputs):
+        # The same draw as torchvision's RandomResize, so a seed gives the same sizes.
+        return {"size": [int(torch.randint(self.min_size, self.max_size + 1, ()))]}
+
+    def transform(self, inpt, params):
+        if isinstance(inpt, tv_tensors.Mask):
+            # The mask kernel of older torchvision ignores the interpolation; resize it as a 1-channel image.
+            out = F.resize_image(inpt.as_subclass(torch.Tensor).unsqueeze(0), params["size"],
+                                 interpolation=v2.InterpolationMode.NEAREST_EXACT)
+            return tv_tensors.wrap(out.squeeze(0), like=inpt)
+        return F.resize(inpt, params["size"], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+
+
 class _Preset:
     def __call__(self, img, target):
         img, target = self.transforms(tv_tensors.Image(img), tv_tensors.Mask(target))
@@ -57,7 +89,7 @@ class SegmentationPresetTrain(_Preset):
                  mean=DRIVE_MEAN, std=DRIVE_STD):
         min_size = int(0.5 * base_size)
         max_size = int(1.2 * base_size)
-        trans = [v2.RandomResize(min_size, max_size + 1)]  # torchvision's upper bound is exclusive
+        trans = [RandomResize(min_size, max_size)]
         if hflip_prob > 0:
             trans.append(v2.RandomHorizontalFlip(hflip_prob))
         if vflip_prob > 0:
