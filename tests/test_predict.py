@@ -151,18 +151,18 @@ def test_tiled_prediction_matches_whole_image():
 
 
 def test_tile_grid_and_blend_weights():
-    hp, wp, windows, overlap = tile_grid(2300, 3500, 1024, 128)
-    assert (hp, wp, overlap) == (2304, 3504, 128)
-    assert all(y % 16 == 0 and x % 16 == 0 and (th, tw) == (1024, 1024) for y, x, th, tw in windows)
-    assert {y + th for y, _, th, _ in windows} >= {hp} and {x + tw for _, x, _, tw in windows} >= {wp}
-    assert len(windows) == 3 * 4
+    windows, overlap = tile_grid(2300, 3500, 1024, 128)
+    assert overlap == 128 and all((th, tw) == (1024, 1024) for _, _, th, tw in windows)
+    ys, xs = sorted({y for y, *_ in windows}), sorted({x for _, x, *_ in windows})
+    assert ys == [0, 896, 2300 - 1024] and xs == [0, 896, 1792, 3500 - 1024]  # the last tiles end flush
     first, second = blend_weights(0, 1024, 2304, 128), blend_weights(896, 1024, 2304, 128)
     assert (first > 0).all() and (second > 0).all()
     assert first[0] == 1 and blend_weights(1280, 1024, 2304, 128)[-1] == 1  # image edges keep weight 1
     assert second[0] < 0.01 and second[-1] < 0.01
     # neighbouring ramps cross-fade: the weights of the two tiles sum to 1 over their overlap
     assert torch.allclose(first[896:] + second[:128], torch.ones(128), atol=1e-6)
-    assert tile_grid(96, 90, 0, 0)[2] == [(0, 0, 96, 96)]
+    assert tile_grid(96, 90, 0, 0) == ([(0, 0, 96, 90)], 0)  # one tile: the whole image, unpadded
+    assert tile_grid(96, 90, 96, 16) == ([(0, 0, 96, 90)], 0)
 
 
 @pytest.mark.parametrize("height,width,seed,grid", [(96, 90, 0, 256), (300, 280, 1, 64), (584, 565, 2, 256)])
@@ -252,3 +252,28 @@ def test_in_process_mask_lookup_and_batches(env, tmp_path, capsys):
          "--output", str(tmp_path / "o"), "-b", "2"])
     predict.main(args)
     assert sorted(os.listdir(tmp_path / "o")) == ["01_test.png", "02_test.png"]
+
+
+def test_prediction_is_the_evaluated_argmax_on_odd_sizes(tmp_path):
+    """predict.py's mask is, inside the FOV, the argmax of the model on the whole unpadded image.
+
+    That is what ``train.py --test-only`` scores. The U-Net's ``align_corners=True``
+    upsampling makes its output depend on the input size, so padding an image that
+    fits in one tile (here to 112 x 96) would change the mask.
+    """
+    h, w = 101, 87
+    img, _, fov = synthetic_fundus(h, w, seed=5)
+    model = spread_unet(2, calib=img)
+    ckpt = write_checkpoint(tmp_path / "m.pth", model, 1)
+    Image.fromarray(img).save(tmp_path / "odd.tif")
+    Image.fromarray(fov.astype(np.uint8) * 255).save(tmp_path / "odd_mask.gif")
+    r = run_predict("--weights", ckpt, "--img", tmp_path / "odd.tif", "--roi-mask", tmp_path / "odd_mask.gif",
+                    "--output", tmp_path / "odd.png")
+    assert r.returncode == 0, r.stderr
+    predicted = np.array(Image.open(tmp_path / "odd.png")) == 255
+    x = normalize_image(torch.from_numpy(img).permute(2, 0, 1)[None], DRIVE_MEAN, DRIVE_STD)
+    with torch.no_grad():
+        expected = model.eval()(x)["out"][0].argmax(0).numpy() == 1
+    assert 0.05 < expected[fov].mean() < 0.95  # the test model predicts both classes
+    assert np.array_equal(predicted[fov], expected[fov]), f"{(predicted != expected)[fov].sum()} pixels differ"
+    assert not predicted[~fov].any()

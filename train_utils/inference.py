@@ -15,7 +15,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -84,19 +83,22 @@ def blend_weights(start: int, size: int, length: int, overlap: int) -> torch.Ten
 
 
 def tile_grid(height: int, width: int, tile_size: int, tile_overlap: int, multiple: int = 16):
-    """The tiling of an image padded to ``multiple``: (padded height, padded width, windows, overlap).
+    """The windows that cover an image: (list of (y, x, h, w), overlap in pixels).
 
-    ``windows`` is a list of (y, x, h, w); ``tile_size <= 0`` means one window. Tile size and overlap are
-    rounded to ``multiple`` so every window starts on the pooling grid of the whole image.
+    An image that fits in one tile (or ``tile_size <= 0``) is one window of the
+    whole image: the U-Net's ``align_corners=True`` upsampling makes its output
+    depend on the input size, so only the whole, unpadded image gives the
+    prediction that evaluation scores. Larger images are cut into tiles whose
+    size and overlap are rounded to ``multiple`` (the model's pooling divides
+    them evenly), the last one flush with the image's end, so nothing is padded.
     """
-    hp, wp = _ceil_to(height, multiple), _ceil_to(width, multiple)
-    if tile_size <= 0:
-        return hp, wp, [(0, 0, hp, wp)], 0
     tile = max(multiple, tile_size // multiple * multiple)
+    if tile_size <= 0 or (height <= tile and width <= tile):
+        return [(0, 0, height, width)], 0
     overlap = min(_ceil_to(max(tile_overlap, 0), multiple), tile - multiple)
-    ys, th = window_starts(hp, tile, tile - overlap)
-    xs, tw = window_starts(wp, tile, tile - overlap)
-    return hp, wp, [(y, x, th, tw) for y in ys for x in xs], overlap
+    ys, th = window_starts(height, tile, tile - overlap)
+    xs, tw = window_starts(width, tile, tile - overlap)
+    return [(y, x, th, tw) for y in ys for x in xs], overlap
 
 
 def _forward_probs(model, x, amp_dtype=None, tta=False, channels_last=False):
@@ -124,21 +126,19 @@ def predict_probabilities(model, images: torch.Tensor, mean, std, tile_size=1024
 
     The images stay where they are (the CPU, typically); only tiles of at most
     ``tile_size`` pixels, ``batch_size`` at a time, go to the device, and the
-    device holds the ``N x C x H x W`` accumulator. Images are padded with
-    black on the right and bottom to a multiple of ``multiple``, as training
-    pads its crops. Returns (probabilities, number of tiles per image).
+    device holds the ``N x C x H x W`` accumulator. Nothing is padded: an
+    image that fits in one tile is predicted whole, exactly as evaluation
+    does. Returns (probabilities, number of tiles per image).
     """
     device = next(model.parameters()).device
     n, _, h, w = images.shape
-    hp, wp, windows, overlap = tile_grid(h, w, tile_size, tile_overlap, multiple)
-    if (hp, wp) != (h, w):
-        images = F.pad(images, (0, wp - w, 0, hp - h))
+    windows, overlap = tile_grid(h, w, tile_size, tile_overlap, multiple)
 
     def window_weight(y, x, th, tw):  # rebuilt per use: storing one per tile would grow with the image
-        wy, wx = blend_weights(y, th, hp, overlap), blend_weights(x, tw, wp, overlap)
+        wy, wx = blend_weights(y, th, h, overlap), blend_weights(x, tw, w, overlap)
         return (wy[:, None] * wx[None, :]).to(device)
 
-    weight_sum = torch.zeros(hp, wp, device=device)
+    weight_sum = torch.zeros(h, w, device=device)
     for y, x, th, tw in windows:
         weight_sum[y:y + th, x:x + tw] += window_weight(y, x, th, tw)
     jobs = [(i, y, x, th, tw) for i in range(n) for (y, x, th, tw) in windows]
@@ -149,11 +149,11 @@ def predict_probabilities(model, images: torch.Tensor, mean, std, tile_size=1024
         batch = normalize_image(batch.to(device, non_blocking=True), mean, std)
         probs = _forward_probs(model, batch, amp_dtype, tta, channels_last)
         if acc is None:
-            acc = torch.zeros(n, probs.shape[1], hp, wp, device=device)
+            acc = torch.zeros(n, probs.shape[1], h, w, device=device)
         for p, (i, y, x, th, tw) in zip(probs, chunk):
             acc[i, :, y:y + th, x:x + tw] += p * window_weight(y, x, th, tw)
     acc /= weight_sum
-    return acc[:, :, :h, :w], len(windows)
+    return acc, len(windows)
 
 
 # ---------------------------------------------------------------------------
