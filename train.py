@@ -7,7 +7,6 @@
 """
 import argparse
 import datetime
-import io
 import json
 import math
 import os
@@ -22,8 +21,7 @@ from torch.utils.data.distributed import DistributedSampler
 import src
 from my_dataset import DriveDataset, ensure_synthetic_drive
 from train_utils import distributed_utils as utils
-from train_utils.checkpoint import (check_same_model, load_checkpoint, load_model_state,
-                                    plain_args, rng_state, save_checkpoint, set_rng_state)
+from train_utils.checkpoint import adopt_checkpoint_args, load_checkpoint, plain_args, resume, safe_load, save_epoch
 from train_utils.errors import UserError, run_cli
 from train_utils.inference import inference_model
 from train_utils.train_and_eval import autocast_dtype, create_lr_scheduler, evaluate, train_one_epoch
@@ -87,19 +85,46 @@ def get_args_parser(add_help=True):
 
 
 def parse_args(parser, argv=None):
-    """Parse, with ``--demo`` changing the defaults (explicit flags still win)."""
+    """Parse, with ``--demo`` changing the defaults (explicit flags still win).
+
+    ``args.explicit_flags`` names the settings typed on the command line: those
+    may not silently give way to a checkpoint's.
+    """
     pre, _ = parser.parse_known_args(argv)
     if pre.demo:
         parser.set_defaults(**DEMO_DEFAULTS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.explicit_flags = explicit_flags(parser, argv)
+    return args
+
+
+def explicit_flags(parser, argv=None):
+    """The ``dest`` of every option given in ``argv``: parsed over a namespace pre-filled with a marker,
+    so argparse fills in no defaults and whatever changed was typed."""
+    unset = object()
+    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parser.parse_known_args(argv, namespace=namespace)
+    return {k for k, v in vars(namespace).items() if v is not unset}
 
 
 def create_model(num_classes, base_c=32, model="unet", pretrained_backbone=""):
     """The model for ``num_classes`` outputs (background included)."""
-    net = src.build_model(model=model, num_classes=num_classes, in_channels=3, base_c=base_c)
+    try:
+        net = src.build_model(model=model, num_classes=num_classes, in_channels=3, base_c=base_c)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if pretrained_backbone:
-        src.load_backbone_weights(net, pretrained_backbone)
+        load_backbone_file(net, pretrained_backbone)
     return net
+
+
+def load_backbone_file(model, path):
+    """ImageNet encoder weights from a local torchvision file (``--pretrained-backbone``), one-line errors."""
+    state = safe_load(path, what="backbone weight file")
+    try:
+        src.load_backbone_weights(model, state, source=str(path))
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def check_args(args):
@@ -147,17 +172,15 @@ def default_workers(device, batch_size, workers=None):
     return min(os.cpu_count() or 1, batch_size, 8)
 
 
-def memory_formats(device, channels_last=None):
-    """(training, validation) use channels_last? ``--channels-last`` / ``--no-channels-last`` force both.
+def default_train_channels_last(device, channels_last=None):
+    """Train in channels_last? ``--channels-last`` / ``--no-channels-last`` decide (for validation too).
 
     By default training uses it on CUDA only: the CPU's BatchNorm kernel
     computes batch statistics less exactly in channels_last (a first-step loss
     1.8e-4 off the float64 value instead of 5e-8), which would change the
     numbers; validation (BatchNorm folded away) uses it everywhere.
     """
-    if channels_last is None:
-        return device.type == "cuda", True
-    return channels_last, channels_last
+    return device.type == "cuda" if channels_last is None else channels_last
 
 
 def build_data_loaders(args, device):
@@ -198,21 +221,15 @@ def seed_everything(seed):
 def main(args):
     check_args(args)
     utils.init_distributed_mode(args)
-    device = utils.resolve_device(args.device, local_rank=args.gpu)
+    device = utils.resolve_device(args.device, local_rank=args.gpu, distributed=args.distributed)
     print(f"using {device.type} device" + (f" {device}" if device.type == "cuda" else "")
           + (f", {args.world_size} processes ({args.dist_backend})" if args.distributed else ""))
-    print(args)
-    if args.seed is not None:
-        seed_everything(args.seed + args.rank)
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    if args.mean is None:
-        args.mean = list(src.IMAGENET_MEAN if args.pretrained_backbone else DRIVE_MEAN)
-    if args.std is None:
-        args.std = list(src.IMAGENET_STD if args.pretrained_backbone else DRIVE_STD)
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    if checkpoint is not None:  # the checkpoint's model, class count and normalisation
+        adopt_checkpoint_args(args, checkpoint["args"], args.resume, getattr(args, "explicit_flags", ()))
+    set_default_normalisation(args)
+    print(argparse.Namespace(**plain_args(args)))
+    seed_and_tune(args, device)
     num_classes = args.num_classes + 1  # background + foreground classes
 
     if args.demo and utils.is_main_process():
@@ -221,109 +238,103 @@ def main(args):
         torch.distributed.barrier()
     if utils.is_main_process() and not args.test_only:
         prepare_output_dir(args.output_dir)
-
     train_loader, val_loader = build_data_loaders(args, device)
-    model = create_model(num_classes, args.base_c, args.model, args.pretrained_backbone).to(device)
-    train_channels_last, eval_channels_last = memory_formats(device, args.channels_last)
+
+    # A resumed run takes its weights from the checkpoint: no backbone file needed.
+    model = create_model(num_classes, args.base_c, args.model,
+                         "" if checkpoint is not None else args.pretrained_backbone).to(device)
+    if args.test_only:
+        resume(checkpoint, args.resume, model)
+        print(f"loaded '{args.resume}' (epoch {checkpoint.get('epoch', '?')})")
+        report_validation(model, val_loader, device, num_classes, args.channels_last)
+        return
+
+    train_channels_last = default_train_channels_last(device, args.channels_last)
     if train_channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if args.distributed and getattr(args, "sync_bn", False):
-        if device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:  # torch's SyncBatchNorm runs on GPUs only
-            print("note: --sync-bn is ignored on the CPU (SyncBatchNorm needs CUDA)")
-    model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    run_model = torch.compile(model) if args.compile else model
-
-    def eval_model():
-        """The model validation runs: with BatchNorm folded into the convolutions, in the eval memory format.
-
-        A fresh copy each time (the weights change between epochs); no DDP wrapper, since
-        validation needs no gradient sync. Under --compile, the compiled model itself.
-        """
-        return run_model if args.compile else inference_model(model_without_ddp, eval_channels_last)
-
-    amp_dtype = autocast_dtype(device, args.amp, args.amp_dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    params_to_optimize = [p for p in model_without_ddp.parameters() if p.requires_grad]
+    train_model = wrap_for_training(model, args, device)  # DDP and/or torch.compile around the same module
+    params_to_optimize = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params_to_optimize, lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    if train_loader is not None:
-        lr_scheduler = create_lr_scheduler(optimizer, len(train_loader), args.epochs, warmup=True)
+    lr_scheduler = create_lr_scheduler(optimizer, len(train_loader), args.epochs, warmup=True)
+    amp_dtype = autocast_dtype(device, args.amp, args.amp_dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     best_dice = 0.0
-    if args.resume:
-        checkpoint = load_checkpoint(args.resume, map_location="cpu")
-        check_same_model(checkpoint.get("args", {}), vars(args), args.resume)
-        load_model_state(model_without_ddp, checkpoint["model"], args.resume)
-        if not args.test_only:
-            if "optimizer" not in checkpoint or "epoch" not in checkpoint:
-                raise UserError(f"'{args.resume}' holds weights only (no optimizer state or epoch); "
-                                "use it with --test-only or predict.py, or resume from checkpoint.pth")
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-            if "scaler" in checkpoint and scaler.is_enabled():
-                scaler.load_state_dict(checkpoint["scaler"])
-            args.start_epoch = checkpoint["epoch"] + 1
-            best_dice = float(checkpoint.get("best_dice", 0.0))
-            rng = checkpoint.get("rng")
-            if rng and len(rng) == args.world_size:
-                set_rng_state(rng[args.rank])
-        print(f"loaded '{args.resume}' (epoch {checkpoint.get('epoch', '?')}, best dice {best_dice:.3f})")
-
-    if args.test_only:
-        report_validation(eval_model(), val_loader, device, num_classes, amp_dtype, eval_channels_last)
-        return
+    if checkpoint is not None:
+        args.start_epoch, best_dice = resume(checkpoint, args.resume, model, optimizer, lr_scheduler, scaler,
+                                             rank=args.rank, world_size=args.world_size)
+        print(f"resuming '{args.resume}' at epoch {args.start_epoch} (best dice {best_dice:.3f})")
+        del checkpoint
 
     results_file = os.path.join(args.output_dir, "results{}.txt".format(
         datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
-    log_file = os.path.join(args.output_dir, "log.jsonl")
     start_time = time.time()
     last_epoch = args.epochs if args.stop_epoch is None else min(args.epochs, args.stop_epoch + 1)
     for epoch in range(args.start_epoch, last_epoch):
         if args.distributed:
             train_loader.sampler.set_epoch(epoch)
         epoch_start = time.time()
-        mean_loss, lr = train_one_epoch(run_model, optimizer, train_loader, device, epoch, num_classes,
+        mean_loss, lr = train_one_epoch(train_model, optimizer, train_loader, device, epoch, num_classes,
                                         lr_scheduler=lr_scheduler, print_freq=args.print_freq, scaler=scaler,
                                         amp_dtype=amp_dtype, channels_last=train_channels_last)
-        utils.broadcast_buffers(model_without_ddp)
-        confmat, dice, vessel = report_validation(eval_model(), val_loader, device, num_classes, amp_dtype,
-                                                  eval_channels_last)
+        utils.broadcast_buffers(model)  # every process validates and saves rank 0's BatchNorm statistics
+        confmat, dice, vessel = report_validation(model, val_loader, device, num_classes, args.channels_last)
 
         is_best = dice > best_dice
         best_dice = max(best_dice, dice)
-        # Every process takes part in gathering the RNG states; only the main one writes.
-        rngs = gather_rng_states()
         if utils.is_main_process():
-            val_info = str(confmat)
-            with open(results_file, "a") as f:
-                f.write(f"[epoch: {epoch}]\ntrain_loss: {mean_loss:.4f}\nlr: {lr:.6f}\n"
-                        f"dice coefficient: {dice:.3f}\n{val_info}\n{format_metrics(vessel)}\n\n")
-            record = {"epoch": epoch, "train_loss": mean_loss, "lr": lr, "dice": dice,
-                      **confmat.summary(), **vessel, "epoch_time": time.time() - epoch_start}
-            with open(log_file, "a") as f:
-                f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
-
-            save_file = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                         "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "best_dice": best_dice,
-                         "args": plain_args(args), "rng": rngs}
-            if scaler.is_enabled():
-                save_file["scaler"] = scaler.state_dict()
-            # best_model.pth first: a crash between the two writes then never leaves a
-            # checkpoint.pth whose best_dice claims a best model that is not on disk.
-            if args.save_best and is_best:
-                save_checkpoint(save_file, os.path.join(args.output_dir, "best_model.pth"))
-            elif not args.save_best:
-                save_checkpoint(save_file, os.path.join(args.output_dir, f"model_{epoch}.pth"))
-            save_checkpoint(save_file, os.path.join(args.output_dir, "checkpoint.pth"))
+            log_epoch(args.output_dir, results_file, epoch, mean_loss, lr, dice, confmat, vessel,
+                      time.time() - epoch_start)
+        save_epoch(args.output_dir, model, optimizer, lr_scheduler, scaler, epoch, best_dice, is_best, args)
 
     total_time = time.time() - start_time
     print(f"training time {datetime.timedelta(seconds=int(total_time))}; best dice coefficient: {best_dice:.3f}")
     if args.distributed:
         torch.distributed.barrier()
+
+
+def set_default_normalisation(args):
+    """mean/std not given (nor taken from a checkpoint): ImageNet's for a pretrained encoder, else DRIVE's."""
+    if args.mean is None:
+        args.mean = list(src.IMAGENET_MEAN if args.pretrained_backbone else DRIVE_MEAN)
+    if args.std is None:
+        args.std = list(src.IMAGENET_STD if args.pretrained_backbone else DRIVE_STD)
+
+
+def seed_and_tune(args, device):
+    if args.seed is not None:
+        seed_everything(args.seed + args.rank)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def wrap_for_training(model, args, device):
+    """What the training step runs: ``model`` under DDP (with SyncBatchNorm if asked) and/or torch.compile.
+
+    The wrappers share ``model``'s parameters, so ``model`` is what is validated and saved.
+    """
+    if args.distributed and getattr(args, "sync_bn", False):
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:  # torch's SyncBatchNorm runs on GPUs only
+            print("note: --sync-bn is ignored on the CPU (SyncBatchNorm needs CUDA)")
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return torch.compile(model) if args.compile else model
+
+
+def log_epoch(output_dir, results_file, epoch, mean_loss, lr, dice, confmat, vessel, epoch_time):
+    """The tutorial's results block for the epoch, and one JSON line in ``log.jsonl``."""
+    with open(results_file, "a") as f:
+        f.write(f"[epoch: {epoch}]\ntrain_loss: {mean_loss:.4f}\nlr: {lr:.6f}\n"
+                f"dice coefficient: {dice:.3f}\n{confmat}\n{format_metrics(vessel)}\n\n")
+    record = {"epoch": epoch, "train_loss": mean_loss, "lr": lr, "dice": dice,
+              **confmat.summary(), **vessel, "epoch_time": epoch_time}
+    with open(os.path.join(output_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
 
 def json_safe(value):
@@ -337,28 +348,18 @@ def json_safe(value):
     return value
 
 
-def gather_rng_states():
-    """Every process's RNG states (a list by rank), so a resumed DDP run continues each stream."""
-    state = rng_state()
-    if not utils.is_dist_avail_and_initialized():
-        return [state]
-    # all_gather_object cannot carry tensors on every backend; ship each state as torch.save bytes.
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    blobs = [None] * utils.get_world_size()
-    torch.distributed.all_gather_object(blobs, buf.getvalue())
-    return [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
-
-
-def report_validation(model, val_loader, device, num_classes, amp_dtype, channels_last):
+def report_validation(model, val_loader, device, num_classes, channels_last=None):
     """Evaluate and print the tutorial's block, ``dice coefficient: x`` and the vessel metrics.
 
-    Returns (confusion matrix, dice, vessel metrics as a dict): the AUC sorts every
-    validation pixel, so it is computed once here.
+    Validation runs in float32 whatever ``--amp`` says (as the tutorial's), on a
+    copy of ``model`` with BatchNorm folded into the convolutions, in channels_last
+    unless ``channels_last`` is False. Returns (confusion matrix, dice, vessel
+    metrics as a dict): the AUC sorts every validation pixel, so it is computed once here.
     """
+    channels_last = channels_last is not False
     vessel = VesselMetrics(ignore_index=255)
-    confmat, dice = evaluate(model, val_loader, device=device, num_classes=num_classes, amp_dtype=amp_dtype,
-                             channels_last=channels_last, vessel_metrics=vessel)
+    confmat, dice = evaluate(inference_model(model, channels_last), val_loader, device=device,
+                             num_classes=num_classes, channels_last=channels_last, vessel_metrics=vessel)
     vessel_values = vessel.compute()
     print(confmat)
     print(f"dice coefficient: {dice:.3f}")

@@ -3,7 +3,7 @@
     python benchmarks/benchmark.py                     # full run on synthetic DRIVE-sized data (~4.5 min on 2 idle cores)
     python benchmarks/benchmark.py --quick             # smoke run (~2 min)
     python benchmarks/benchmark.py --workers-b 2       # (b) with 2 DataLoader worker processes
-    python benchmarks/benchmark.py --data-path /work/shared/data/DRIVE-dev --json out.json
+    python benchmarks/benchmark.py --data-path /path/to/DRIVE-root --json out.json
     python benchmarks/benchmark.py --device cuda --amp --compile   # (b) with AMP / torch.compile on a GPU
 
 (a) is ``benchmarks/reference.py``: the tutorial's per-image, per-class dice
@@ -128,8 +128,8 @@ def fill_defaults(args):
             cpus, args.batch_size if args.batch_size > 1 else 0, 8)
     if args.workers_b is None:
         args.workers_b = train.default_workers(torch.device(args.device), args.batch_size, args.workers)
-    args.train_channels_last, args.eval_channels_last = train.memory_formats(torch.device(args.device),
-                                                                             args.channels_last)
+    args.train_channels_last = train.default_train_channels_last(torch.device(args.device), args.channels_last)
+    args.eval_channels_last = args.channels_last is not False
     if min(args.workers_a, args.workers_b) < 0:
         sys.exit("error: worker counts must be >= 0")
     for name in ("repeats", "epoch_repeats", "images", "val_images", "loader_images", "batch_size", "crop_size",
@@ -242,10 +242,10 @@ class Config:
         if self.name == "a":
             _, dice = ref.evaluate(self.run_model, loader, self.device, NUM_CLASSES)
             return dice
-        with quiet():
-            model = self.run_model if self.run_model is not self.model else inference_model(
-                self.model, self.eval_channels_last)  # as train.py validates
-            return report_validation_b(model, loader, self.device, self.amp_dtype, self.eval_channels_last)
+        with quiet():  # as train.py validates: float32, on a BN-folded copy
+            _, dice, _ = train.report_validation(self.model, loader, self.device, NUM_CLASSES,
+                                                 self.eval_channels_last)
+            return dice
 
     def step_phases(self, batch):
         """Seconds of forward, criterion, backward and optimiser step of one training step."""
@@ -272,12 +272,6 @@ class Config:
         sync(device)
         t.append(time.perf_counter())
         return {k: t[i + 1] - t[i] for i, k in enumerate(("forward", "criterion", "backward", "optimizer"))}
-
-
-def report_validation_b(model, loader, device, amp_dtype, channels_last):
-    """train.py's validation (``report_validation``: evaluate + vessel metrics, printed); returns the dice."""
-    _, dice, _ = train.report_validation(model, loader, device, NUM_CLASSES, amp_dtype, channels_last)
-    return dice
 
 
 def fixed_batch(args, root):

@@ -1,4 +1,4 @@
-"""The original tutorial's code path, written from DESIGN.md, as the baseline (a) of ``benchmark.py``.
+"""The original tutorial's code path, written after the tutorial, as the baseline (a) of ``benchmark.py``.
 
 Nothing here is used by the project: it reproduces, for timing and for the
 first-step loss check, the way the tutorial computes things:

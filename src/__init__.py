@@ -1,6 +1,8 @@
-"""The segmentation models and the one factory every script builds them with."""
-from train_utils.errors import UserError
+"""The segmentation models and the one factory every script builds them with.
 
+The package depends on torch and torchvision only: a bad setting or a weight
+file that does not fit raises ``ValueError``, which the scripts report.
+"""
 from .backbone import IMAGENET_MEAN, IMAGENET_STD, PRETRAIN_ONLY_BACKBONES, load_backbone_weights
 from .mobilenet_unet import MobileV3Unet
 from .unet import UNet
@@ -20,7 +22,7 @@ def build_model(model="unet", num_classes=2, in_channels=3, base_c=32, bilinear=
     """
     if model == "unet":
         if pretrain_backbone:
-            raise UserError(PRETRAIN_ONLY_BACKBONES)
+            raise ValueError(PRETRAIN_ONLY_BACKBONES)
         return UNet(in_channels=in_channels, num_classes=num_classes, bilinear=bilinear, base_c=base_c)
     backbones = {"vgg16_unet": VGG16UNet, "mobilenet_v3_unet": MobileV3Unet}
     if model in backbones:

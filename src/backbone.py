@@ -7,9 +7,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from train_utils.checkpoint import safe_load
-from train_utils.errors import UserError
-
 from .unet import OutConv, Up
 
 # The normalisation the torchvision ImageNet weights were trained with; use it
@@ -77,34 +74,39 @@ def _encoder_state(state: dict, last_index: int) -> Tuple[str, Dict[str, object]
     return prefix, {k: v for k, v in state.items() if not (first(k).isdigit() and int(first(k)) > last_index)}
 
 
-def load_backbone_weights(model: nn.Module, path) -> None:
-    """Load ImageNet encoder weights from a local torchvision weight file into ``model``.
+def load_backbone_weights(model: nn.Module, weights, source=None) -> None:
+    """Load ImageNet encoder weights into ``model``'s encoder.
 
-    ``path`` is the classifier's state dict as torchvision saves it (e.g.
-    ``vgg16_bn-6c64b313.pth``) or a state dict of its ``features`` alone. The
-    file is read with ``weights_only=True``: it can hold tensors only, never code.
+    ``weights`` is a state dict, or the path of a local torchvision weight file
+    (read with ``weights_only=True``: tensors only, never code): the
+    classifier's state dict as torchvision saves it (e.g.
+    ``vgg16_bn-6c64b313.pth``) or a state dict of its ``features`` alone.
+    Weights that do not fit raise ``ValueError`` naming ``source`` (the file)
+    and the first key that does not fit; the model is then unchanged.
     """
     model = getattr(model, "module", model)  # accept a DDP-wrapped model
     if not isinstance(model, BackboneUNet):
-        raise UserError(PRETRAIN_ONLY_BACKBONES)
-    path = os.fspath(path)
-    what = f"{path} does not fit the {model.weights_name} encoder"
-    state = safe_load(path, what="backbone weight file")
+        raise ValueError(PRETRAIN_ONLY_BACKBONES)
+    if _is_path(weights):
+        source = source or os.fspath(weights)
+        weights = torch.load(weights, map_location="cpu", weights_only=True)
+    what = f"{source or 'the state dict'} does not fit the {model.weights_name} encoder"
+    state = weights
     if not isinstance(state, dict):
-        raise UserError(f"{what}: expected a state dict, found {type(state).__name__}")
+        raise ValueError(f"{what}: expected a state dict, found {type(state).__name__}")
 
     prefix, state = _encoder_state(state, max(model.stage_indices))
     own = model.backbone.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     if missing:
-        raise UserError(f"{what}: missing key {prefix + missing[0]!r}")
+        raise ValueError(f"{what}: missing key {prefix + missing[0]!r}")
     if unexpected:
-        raise UserError(f"{what}: unexpected key {prefix + unexpected[0]!r}")
+        raise ValueError(f"{what}: unexpected key {prefix + unexpected[0]!r}")
     for k, v in state.items():
         if not isinstance(v, torch.Tensor) or v.shape != own[k].shape:
             found = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise UserError(f"{what}: key {prefix + k!r} is {found}, expected {tuple(own[k].shape)}")
+            raise ValueError(f"{what}: key {prefix + k!r} is {found}, expected {tuple(own[k].shape)}")
     # Old torchvision files predate BN's num_batches_tracked: keep the model's own.
     own.update(state)
     model.backbone.load_state_dict(own)
@@ -123,4 +125,4 @@ def backbone_features(builder, weights, pretrain_backbone) -> nn.Sequential:
     except OSError as e:  # urllib's URLError is an OSError: no network and nothing in the torch hub cache
         if weights is None:
             raise
-        raise UserError(f"cannot download {weights.url} ({e}); fetch it elsewhere and give its local path instead") from None
+        raise OSError(f"cannot download {weights.url} ({e}); fetch it elsewhere and give its local path instead") from None

@@ -2,14 +2,17 @@
 import os
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
 import torchvision
 
-from src import (IMAGENET_MEAN, IMAGENET_STD, MODEL_NAMES, MobileV3Unet, UNet, VGG16UNet, build_model,
-                 load_backbone_weights)
+from src import IMAGENET_MEAN, IMAGENET_STD, MODEL_NAMES, MobileV3Unet, UNet, VGG16UNet, build_model
+from train import load_backbone_file as load_backbone_weights  # the file, read as --pretrained-backbone reads it
+from tests.conftest import ROOT
 from train_utils.errors import UserError
 
 SIZES = [(64, 64), (65, 77), (97, 50)]
@@ -58,8 +61,17 @@ def test_build_model_by_name():
         build_model("mobilenet_v3_unet", in_channels=1)
     with pytest.raises(ValueError, match="unknown model"):
         build_model("resnet_unet")
-    with pytest.raises(UserError, match="applies to vgg16_unet and mobilenet_v3_unet"):
+    with pytest.raises(ValueError, match="applies to vgg16_unet and mobilenet_v3_unet"):
         build_model("unet", pretrain_backbone=True)
+
+
+def test_models_stand_alone():
+    """``src`` depends on torch and torchvision only: importing it loads none of the project's other code."""
+    code = ("import sys, src; m = src.build_model('unet', base_c=4); "
+            "print(sorted(n for n in sys.modules if n.split('.')[0] in ('train_utils', 'my_dataset', 'train')))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
 
 
 def _save_classifier(clf: nn.Module, path) -> dict:

@@ -1,4 +1,4 @@
-"""Loss and dice against plain loops written from DESIGN.md's formulas."""
+"""Loss and dice against plain loops written from the tutorial's formulas (README: "For learners")."""
 import pytest
 import torch
 import torch.nn.functional as F

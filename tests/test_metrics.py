@@ -1,4 +1,4 @@
-"""Validation metrics and the LR schedule against loops written from DESIGN.md."""
+"""Validation metrics and the LR schedule against plain loops written from the tutorial's formulas."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,13 @@
-"""Checkpoint I/O: plain-data state written atomically, loaded with ``weights_only=True``, checked before use."""
+"""Checkpoints: plain-data state written atomically, loaded with ``weights_only=True``, resume and per-epoch save.
+
+A checkpoint is a dict: ``model``, ``optimizer``, ``lr_scheduler``, ``scaler``
+(with AMP), ``epoch``, ``best_dice``, ``rng`` and ``args``, the run's settings
+as a plain dict, from which the model is rebuilt. The tutorial's own
+checkpoints (``args`` an ``argparse.Namespace``, no ``base_c``: its U-Net is
+``base_c=32``) load too.
+"""
+import argparse
+import io
 import os
 import pickle
 import random
@@ -6,17 +15,21 @@ import random
 import numpy as np
 import torch
 
+from . import distributed_utils as utils
 from .errors import UserError
 
-# What a checkpoint's ``args`` must hold to rebuild its model, with the value assumed when absent.
+# What a checkpoint's ``args`` must hold to rebuild its model, with the value assumed when absent
+# (the tutorial saved no model name or width: its model is the bilinear U-Net with base_c=32).
 MODEL_KEYS = {"model": "unet", "num_classes": 1, "base_c": 32, "bilinear": True, "in_channels": 3}
+# The settings a run takes from the checkpoint it resumes or evaluates: the model and its normalisation.
+CARRIED_KEYS = ("model", "base_c", "num_classes", "mean", "std")
 
 
 def plain_args(args):
     """``vars(args)`` keeping only plain data, so the checkpoint loads with ``weights_only=True``."""
     plain = (str, int, float, bool, type(None))
     out = {}
-    for k, v in vars(args).items():
+    for k, v in (args if isinstance(args, dict) else vars(args)).items():
         if isinstance(v, (list, tuple)) and all(isinstance(i, plain) for i in v):
             out[k] = list(v)
         elif isinstance(v, plain):
@@ -35,13 +48,37 @@ def model_kwargs(args: dict):
             "base_c": int(a["base_c"]), "bilinear": bool(a["bilinear"])}
 
 
-def check_same_model(saved_args: dict, args: dict, path):
-    """A clear error when a checkpoint was trained for another model or class count than asked for."""
-    saved, wanted = model_kwargs(saved_args), model_kwargs(args)
-    diffs = [f"{k} {saved[k]} (asked for {wanted[k]})" for k in saved if saved[k] != wanted[k]]
-    if diffs:
-        raise UserError(f"checkpoint '{path}' is for another model: " + ", ".join(diffs).replace(
-            "num_classes", "classes incl. background"))
+def adopt_checkpoint_args(args, saved: dict, path, explicit=()):
+    """Set ``args``' model settings (``CARRIED_KEYS``) to those the checkpoint was trained with.
+
+    A checkpoint carries its model: evaluating or resuming it needs none of its
+    flags retyped. A flag in ``explicit`` (given on the command line) that
+    contradicts the checkpoint is an error naming both values.
+    """
+    adopted = []
+    for key in CARRIED_KEYS:
+        if key in saved:
+            value = saved[key]
+        elif key in MODEL_KEYS:
+            value = MODEL_KEYS[key]
+        else:
+            continue  # e.g. mean/std in a tutorial checkpoint: the run's own (default) values stay
+        if isinstance(value, (list, tuple)):
+            value = [float(v) for v in value]
+        current = getattr(args, key, None)
+        if isinstance(current, (list, tuple)):
+            current = [float(v) for v in current]
+        if current == value:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key in explicit:
+            shown = " ".join(map(str, current)) if isinstance(current, list) else current
+            raise UserError(f"{flag} {shown} contradicts checkpoint '{path}', which was trained with {key} "
+                            f"{value}; leave {flag} out to use the checkpoint's")
+        setattr(args, key, value)
+        adopted.append(f"{key} {value}")
+    if adopted:
+        print(f"from checkpoint '{path}': " + ", ".join(adopted))
 
 
 def save_checkpoint(state, path):
@@ -80,7 +117,9 @@ def safe_load(path, map_location="cpu", what="checkpoint"):
     if not os.path.isfile(path):
         raise UserError(f"{what} '{path}' not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        # The tutorial pickled its argparse.Namespace into every checkpoint: allow that class and nothing else.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
@@ -91,11 +130,17 @@ def safe_load(path, map_location="cpu", what="checkpoint"):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint of this project (plain data only) and check it has what the scripts need."""
+    """Load a checkpoint of this project or of the tutorial and check it has what the scripts need.
+
+    The tutorial's ``args`` (an ``argparse.Namespace``) comes back as a plain dict.
+    """
     ckpt = safe_load(path, map_location)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise UserError(f"'{path}' is not a checkpoint of this project (no 'model' state dict in it)")
-    if not isinstance(ckpt.get("args", {}), dict):
+        raise UserError(f"'{path}' is not a U-Net checkpoint (no 'model' state dict in it)")
+    saved = ckpt.get("args", {})
+    if isinstance(saved, argparse.Namespace):
+        ckpt["args"] = plain_args(saved)
+    elif not isinstance(saved, dict):
         raise UserError(f"'{path}' has no usable 'args' dict")
     return ckpt
 
@@ -108,6 +153,62 @@ def load_model_state(model, state_dict, path):
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0] if lines else ""
         raise UserError(f"checkpoint '{path}' does not fit the model: {detail[:300]}") from None
+
+
+def resume(checkpoint, path, model, optimizer=None, lr_scheduler=None, scaler=None, rank=0, world_size=1):
+    """Restore a run from ``checkpoint``: the model, and with ``optimizer`` the whole training state.
+
+    Returns (first epoch to train, best dice so far). The best dice comes back
+    too, so the first epoch after a resume does not overwrite a better
+    ``best_model.pth``; each process gets back its own random streams.
+    """
+    load_model_state(model, checkpoint["model"], path)
+    if optimizer is None:
+        return 0, float(checkpoint.get("best_dice", 0.0))
+    if "optimizer" not in checkpoint or "epoch" not in checkpoint:
+        raise UserError(f"'{path}' holds weights only (no optimizer state or epoch); "
+                        "use it with --test-only or predict.py, or resume from checkpoint.pth")
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    if "scaler" in checkpoint and scaler is not None and scaler.is_enabled():
+        scaler.load_state_dict(checkpoint["scaler"])
+    rng = checkpoint.get("rng")
+    if rng and len(rng) == world_size:
+        set_rng_state(rng[rank])
+    return int(checkpoint["epoch"]) + 1, float(checkpoint.get("best_dice", 0.0))
+
+
+def save_epoch(output_dir, model, optimizer, lr_scheduler, scaler, epoch, best_dice, is_best, args):
+    """Write the epoch's checkpoints: ``checkpoint.pth`` always, ``best_model.pth`` when it is the best
+    (``model_N.pth`` every epoch with ``save_best`` off). Every process calls it; the main one writes."""
+    rngs = gather_rng_states()  # a collective: every process takes part
+    if not utils.is_main_process():
+        return
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "best_dice": best_dice,
+             "args": plain_args(args), "rng": rngs}
+    if scaler is not None and scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
+    # best_model.pth first: a crash between the two writes then never leaves a
+    # checkpoint.pth whose best_dice claims a best model that is not on disk.
+    if args.save_best and is_best:
+        save_checkpoint(state, os.path.join(output_dir, "best_model.pth"))
+    elif not args.save_best:
+        save_checkpoint(state, os.path.join(output_dir, f"model_{epoch}.pth"))
+    save_checkpoint(state, os.path.join(output_dir, "checkpoint.pth"))
+
+
+def gather_rng_states():
+    """Every process's RNG states (a list by rank), so a resumed DDP run continues each stream."""
+    state = rng_state()
+    if not utils.is_dist_avail_and_initialized():
+        return [state]
+    # all_gather_object cannot carry tensors on every backend; ship each state as torch.save bytes.
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    blobs = [None] * utils.get_world_size()
+    torch.distributed.all_gather_object(blobs, buf.getvalue())
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
 
 
 def rng_state():

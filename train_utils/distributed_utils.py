@@ -92,10 +92,13 @@ def setup_for_distributed(is_master):
     builtins.print = print
 
 
-def resolve_device(requested=None, local_rank=0):
+def resolve_device(requested=None, local_rank=0, distributed=False):
     """The torch.device to run on: what ``--device`` asks for, or CUDA when present, else the CPU.
 
     Asking for CUDA on a machine without it is an error, not a silent fall-back.
+    Under torchrun (``distributed``) each process takes the GPU of its
+    ``local_rank``; naming one GPU there (``cuda:0``) would put every process
+    on it, so it is refused.
     """
     if requested in (None, "", "auto"):
         requested = "cuda" if torch.cuda.is_available() else "cpu"
@@ -104,6 +107,9 @@ def resolve_device(requested=None, local_rank=0):
     except RuntimeError:
         raise UserError(f"--device {requested!r} is not a device torch knows (use cpu, cuda or cuda:N)") from None
     if device.type == "cuda":
+        if distributed and device.index is not None:
+            raise UserError(f"--device {requested}: under torchrun each process uses the GPU of its LOCAL_RANK; "
+                            "give --device cuda (use CUDA_VISIBLE_DEVICES to choose the GPUs)")
         if not torch.cuda.is_available():
             raise UserError(f"--device {requested} was asked for but CUDA is not available on this machine "
                             "(use --device cpu)")
@@ -140,13 +146,12 @@ def init_distributed_mode(args):
         return
 
     args.distributed = True
-    device = resolve_device(getattr(args, "device", None), local_rank=args.gpu)
+    device = resolve_device(getattr(args, "device", None), local_rank=args.gpu, distributed=True)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         args.dist_backend = "nccl"
     else:
         args.dist_backend = "gloo"
-    args.device = str(device)
     timeout = datetime.timedelta(minutes=float(getattr(args, "dist_timeout", 30)))
     dist_url = getattr(args, "dist_url", "env://")
     print(f"| distributed init (rank {args.rank}/{args.world_size}, backend {args.dist_backend}, pid {os.getpid()}): "

@@ -91,10 +91,11 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, num_classes,
 
 
 @torch.no_grad()
-def evaluate(model, data_loader, device, num_classes, amp_dtype=None, channels_last=False,
-             vessel_metrics=None, print_freq=100):
+def evaluate(model, data_loader, device, num_classes, channels_last=False, vessel_metrics=None, print_freq=100):
     """Validation: returns (reduced ``ConfusionMatrix``, dice as a float).
 
+    Always float32, as the tutorial's, also when training uses ``--amp``: the
+    dice, the AUC and the choice of ``best_model.pth`` must not depend on it.
     Metrics accumulate on the device (no per-image host sync) and are
     all-reduced once at the end. Pass a ``VesselMetrics`` as ``vessel_metrics``
     to fill it too.
@@ -105,9 +106,7 @@ def evaluate(model, data_loader, device, num_classes, amp_dtype=None, channels_l
     metric_logger = utils.MetricLogger(delimiter="  ")
     for image, target in metric_logger.log_every(data_loader, print_freq, "Test:"):
         image, target = _to_device(image, target, device, channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            output = model(image)["out"]
-        output = output.float()
+        output = model(image)["out"].float()
         confmat.update(target.flatten(), output.argmax(1).flatten())
         dice.update(output, target)
         if vessel_metrics is not None:
