@@ -24,6 +24,11 @@ import argparse
 import os
 import time
 
+from train_utils.allocator import use_fast_allocator
+
+if __name__ == "__main__":  # first, before torch loads: run again with a fast allocator (train_utils/allocator.py)
+    use_fast_allocator()
+
 import numpy as np
 import torch
 from PIL import Image

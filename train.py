@@ -13,6 +13,11 @@ import os
 import random
 import time
 
+from train_utils.allocator import use_fast_allocator
+
+if __name__ == "__main__":  # first, before torch loads: run again with a fast allocator (train_utils/allocator.py)
+    use_fast_allocator()
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler

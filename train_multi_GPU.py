@@ -8,6 +8,11 @@
 """
 import argparse
 
+from train_utils.allocator import use_fast_allocator
+
+if __name__ == "__main__":  # first, before torch loads: run again with a fast allocator (train_utils/allocator.py)
+    use_fast_allocator()
+
 import train
 
 

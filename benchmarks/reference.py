@@ -1,7 +1,13 @@
-"""The original tutorial's code path, written after the tutorial, as the baseline (a) of ``benchmark.py``.
+"""The tutorial's training run, written after the tutorial, as the baseline (a) of ``benchmark.py``.
 
-Nothing here is used by the project: it reproduces, for timing and for the
-first-step loss check, the way the tutorial computes things:
+    python benchmarks/reference.py --data-path ROOT --epochs 3 --output-dir /tmp/ref
+
+Nothing here is used by the project: it runs training the way the tutorial's
+``train.py`` does, so the benchmark can time it as a user would run it:
+
+- a DataLoader with the tutorial's min(cpus, batch, 8) worker processes,
+  shuffling and ``pin_memory=True``, and glibc's malloc (the benchmark starts it
+  with no allocator preloaded);
 
 - the dice loss loops in Python over images and classes, drops ignored pixels
   with boolean indexing and asks ``if sets_sum == 0`` (a host sync) each time;
@@ -15,9 +21,13 @@ first-step loss check, the way the tutorial computes things:
   batch, so per image at the validation batch size of 1);
 - the model runs in NCHW float32 (no channels_last, no autocast).
 """
+import argparse
+import datetime
 import math
 import os
 import random
+import sys
+import time
 
 import numpy as np
 import torch
@@ -27,7 +37,11 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from train_utils import distributed_utils as utils  # the baseline overrides only what the tutorial did differently
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from src.unet import UNet  # noqa: E402  (the same model: the tutorial's U-Net, base_c 32)
+from train_utils import distributed_utils as utils  # noqa: E402  (overridden where the tutorial differs)
+from train_utils.train_and_eval import create_lr_scheduler  # noqa: E402  (the same schedule)
 
 DRIVE_MEAN = (0.709, 0.381, 0.224)
 DRIVE_STD = (0.127, 0.079, 0.043)
@@ -316,3 +330,56 @@ def evaluate(model, data_loader, device, num_classes):
         confmat.update(target.flatten(), output.argmax(1).flatten())
         dice.update(output, target)
     return confmat, dice.value.item()
+
+
+# ---------------------------------------------------------------------------
+# the tutorial's main
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="The tutorial-style training run (baseline of benchmark.py)")
+    parser.add_argument("--data-path", required=True, help="folder that holds DRIVE/")
+    parser.add_argument("--epochs", default=3, type=int)
+    parser.add_argument("-b", "--batch-size", default=4, type=int)
+    parser.add_argument("--base-c", default=32, type=int)
+    parser.add_argument("--crop-size", default=480, type=int)
+    parser.add_argument("--device", default="cuda", help="the tutorial's default; the CPU when CUDA is absent")
+    parser.add_argument("--output-dir", default="save_weights_reference")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device if torch.cuda.is_available() else "cpu")
+    num_classes = 2
+    train_dataset = DriveDataset(args.data_path, True, get_transform(True, crop_size=args.crop_size))
+    val_dataset = DriveDataset(args.data_path, False, get_transform(False))
+    num_workers = min(os.cpu_count() or 1, args.batch_size if args.batch_size > 1 else 0, 8)
+    train_loader = torch.utils.data.DataLoader(train_dataset, batch_size=args.batch_size, num_workers=num_workers,
+                                               shuffle=True, pin_memory=True, collate_fn=train_dataset.collate_fn)
+    val_loader = torch.utils.data.DataLoader(val_dataset, batch_size=1, num_workers=num_workers, pin_memory=True,
+                                             collate_fn=val_dataset.collate_fn)
+    model = UNet(in_channels=3, num_classes=num_classes, base_c=args.base_c).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    lr_scheduler = create_lr_scheduler(optimizer, len(train_loader), args.epochs, warmup=True)
+    os.makedirs(args.output_dir, exist_ok=True)
+    results_file = os.path.join(args.output_dir, "results{}.txt".format(
+        datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
+    best_dice = 0.0
+    for epoch in range(args.epochs):
+        t = time.time()
+        mean_loss, lr = train_one_epoch(model, optimizer, train_loader, device, num_classes, lr_scheduler)
+        confmat, dice = evaluate(model, val_loader, device, num_classes)
+        val_info = str(confmat)
+        print(val_info)
+        print(f"dice coefficient: {dice:.3f}")
+        with open(results_file, "a") as f:
+            f.write(f"[epoch: {epoch}]\ntrain_loss: {mean_loss:.4f}\nlr: {lr:.6f}\ndice coefficient: {dice:.3f}\n"
+                    + val_info + "\n\n")
+        if dice > best_dice:
+            best_dice = dice
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch},
+                       os.path.join(args.output_dir, "best_model.pth"))
+        print(f"epoch {epoch}: {time.time() - t:.1f} s, loss {mean_loss:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Every GPU path of the project on one GPU, in under 8 minutes; prints a summary of figures at the end.
+#
+#   bash benchmarks/gpu_check.sh                 # uses python3 (with requirements.txt installed)
+#   PYTHON=.venv/bin/python OUT=/tmp/gpu bash benchmarks/gpu_check.sh
+#
+# 1. torchrun on one GPU (NCCL backend) for 2 demo epochs
+# 2. fp16 AMP with the gradient scaler, 2 demo epochs, then --test-only in float32
+# 3. torch.compile, 2 demo epochs
+# 4. the benchmark's epochs on synthetic DRIVE-sized data: the tutorial-style run (a) and train.py (b) in
+#    float32, and train.py with AMP (fp16), one round each
+# Each step has its own time limit (480 s in all); a failing step is reported and the others still run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+status=0
+
+step() {  # step NAME LIMIT_SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    echo "=== $name: $*" | tee -a "$LOG"
+    if timeout "$limit" "$@" >> "$LOG" 2>&1; then
+        echo "=== $name: ok in $((SECONDS - t0)) s" | tee -a "$LOG"
+    else
+        echo "=== $name: FAILED (exit $?) after $((SECONDS - t0)) s; see $LOG" | tee -a "$LOG"
+        status=1
+    fi
+}
+
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name(0))" | tee -a "$LOG" || exit 1
+
+step "torchrun-nccl" 60 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train_multi_GPU.py \
+    --demo --device cuda --epochs 2 --output-dir "$OUT/ddp"
+step "amp-fp16" 60 "$PY" train.py --demo --device cuda --amp --amp-dtype float16 --epochs 2 --output-dir "$OUT/amp"
+step "amp-test-only" 45 "$PY" train.py --demo --device cuda --test-only --resume "$OUT/amp/checkpoint.pth"
+step "compile" 120 "$PY" train.py --demo --device cuda --compile --epochs 2 --output-dir "$OUT/compile"
+step "benchmark-fp32" 120 "$PY" benchmarks/benchmark.py --device cuda --rounds 1 --configs a b --json "$OUT/bench_fp32.json"
+step "benchmark-amp" 75 "$PY" benchmarks/benchmark.py --device cuda --rounds 1 --configs b --b-args=--amp \
+    --json "$OUT/bench_amp.json"
+
+echo "--- summary" | tee -a "$LOG"
+grep -E "^=== .*(ok|FAILED)|^\| (a|b)|best dice|backend nccl" "$LOG" | tee "$OUT/summary.txt"
+exit $status
