@@ -22,6 +22,7 @@ from torch.utils.data.distributed import DistributedSampler
 import src
 from my_dataset import DriveDataset, ensure_synthetic_drive
 from train_utils import distributed_utils as utils
+from train_utils import visuals
 from train_utils.checkpoint import (check_same_model, load_checkpoint, load_model_state,
                                     plain_args, rng_state, save_checkpoint, set_rng_state)
 from train_utils.errors import UserError, run_cli
@@ -83,6 +84,13 @@ def get_args_parser(add_help=True):
     parser.add_argument("--demo", action="store_true",
                         help="write a small synthetic DRIVE-format sample (if absent) and train on it on the CPU")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    # Pictures and TensorBoard (train_utils/visuals.py)
+    parser.add_argument("--plots", default=True, action=argparse.BooleanOptionalAction,
+                        help="write curves.png after every epoch and val_preview.png for the best model "
+                             "(--no-plots: neither)")
+    parser.add_argument("--tensorboard", action=visuals.TensorBoardFlag,
+                        help="also log the metrics and the preview for TensorBoard in OUTPUT_DIR/tensorboard "
+                             "(needs: pip install tensorboard)")
     return parser
 
 
@@ -319,6 +327,11 @@ def main(args):
             elif not args.save_best:
                 save_checkpoint(save_file, os.path.join(args.output_dir, f"model_{epoch}.pth"))
             save_checkpoint(save_file, os.path.join(args.output_dir, "checkpoint.pth"))
+
+        # Pictures and TensorBoard (train_utils/visuals.py): main process only, never stops training.
+        visuals.after_epoch(args, epoch, mean_loss, lr, dice, vessel)
+        if is_best:
+            visuals.after_best(args, epoch, model_without_ddp, val_loader.dataset, device)
 
     total_time = time.time() - start_time
     print(f"training time {datetime.timedelta(seconds=int(total_time))}; best dice coefficient: {best_dice:.3f}")
