@@ -1,9 +1,10 @@
 """export.py (ONNX and torch.export), the exported models' agreement with PyTorch at odd sizes, predict.py with an
-.onnx model, and the one-line errors for missing extras and bad input."""
+.onnx model, the README's PyTorch-free snippet, and the one-line errors for missing extras and bad input."""
 import os
 import re
 import json
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -160,6 +161,36 @@ def test_predict_with_onnx_gives_the_same_masks(env, tmp_path):
         pa = np.array(Image.open(tmp_path / "pth" / f"{k}_test_prob.png")).astype(int)
         pb = np.array(Image.open(tmp_path / "onnx" / f"{k}_test_prob.png")).astype(int)
         assert np.abs(pa - pb).max() <= 1
+
+
+def readme_snippet():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    found = [b for b in blocks if "onnxruntime" in b]
+    assert len(found) == 1, "README: one python block using onnxruntime"
+    return found[0]
+
+
+def test_readme_onnx_snippet_runs_without_pytorch(env, tmp_path):
+    pytest.importorskip("onnxruntime")
+    images, masks = drive_images(tmp_path, ODD_SIZES[:1])
+    work = tmp_path / "deploy"
+    work.mkdir()
+    shutil.copy(env["onnx"], work / "unet.onnx")
+    shutil.copy(images / "0_test.tif", work / "01_test.tif")
+    shutil.copy(masks / "0_test_mask.gif", work / "01_test_mask.gif")
+    (work / "snippet.py").write_text(readme_snippet())
+    # torch (and this repository) unavailable: the snippet needs numpy, Pillow and onnxruntime only
+    code = ("import sys; sys.modules['torch'] = None; sys.path = [p for p in sys.path if p not in ('', '.')]; "
+            "exec(open('snippet.py').read())")
+    r = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stderr
+    run_predict("--weights", env["onnx"], "--img", work / "01_test.tif", "--roi-mask", work / "01_test_mask.gif",
+                "--output", tmp_path / "predicted.png")
+    a = np.array(Image.open(work / "01_test.png"))
+    b = np.array(Image.open(tmp_path / "predicted.png"))
+    assert a.shape == b.shape and (a == b).mean() > 0.99
 
 
 # ---------------------------------------------------------------------------
