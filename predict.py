@@ -17,6 +17,8 @@ The FOV comes from ``--roi-mask`` (a file, or a folder of DRIVE-named masks:
 the photograph's dark border.
 
 The model, its class count and its normalisation come from the checkpoint.
+``--weights model.onnx`` (written by ``export.py``) runs the exported model with
+onnxruntime on the CPU instead, with the same outputs.
 Images larger than ``--tile-size`` are predicted in overlapping tiles blended
 with a smooth window, so memory stays bounded whatever the image size.
 """
@@ -52,7 +54,9 @@ CLASS_COLOURS = [(0, 0, 0), (0, 255, 0), (255, 0, 0), (0, 0, 255), (255, 255, 0)
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description="Predict retinal vessel masks with a trained U-Net",
                                      add_help=add_help)
-    parser.add_argument("--weights", default="save_weights/best_model.pth", help="checkpoint written by train.py")
+    parser.add_argument("--weights", default="save_weights/best_model.pth",
+                        help="checkpoint written by train.py, or an .onnx model written by export.py "
+                             "(run with onnxruntime on the CPU)")
     parser.add_argument("--img", "--input", dest="img", required=True,
                         help="an image file (.tif/.png/.jpg/.gif/.bmp) or a folder of them")
     parser.add_argument("--roi-mask", "--roi_mask", dest="roi_mask", default=None,
@@ -245,8 +249,12 @@ def main(args):
     sizes = [image_size(p) for p in inputs]  # every input readable before any work starts
     mask_files = [find_mask(args.roi_mask, p) for p in inputs]
     plans = output_paths(args, inputs, mask_files)
-    device = resolve_device(args.device)
-    model, saved, kwargs = load_model(args.weights, device, args.channels_last)
+    if args.weights.lower().endswith(".onnx"):  # exported by export.py: onnxruntime on the CPU, no PyTorch model
+        from train_utils.onnx_runtime import load_onnx_model
+        model, saved, kwargs, device = load_onnx_model(args.weights, args.device, args.amp)
+    else:
+        device = resolve_device(args.device)
+        model, saved, kwargs = load_model(args.weights, device, args.channels_last)
     mean = saved.get("mean") or list(DRIVE_MEAN)
     std = saved.get("std") or list(DRIVE_STD)
     amp_dtype = autocast_dtype(device, args.amp)

@@ -26,6 +26,7 @@ from torch.utils.data.distributed import DistributedSampler
 import src
 from my_dataset import DriveDataset, ensure_synthetic_drive
 from train_utils import distributed_utils as utils
+from train_utils import visuals
 from train_utils.checkpoint import adopt_checkpoint_args, load_checkpoint, plain_args, resume, safe_load, save_epoch
 from train_utils.errors import UserError, run_cli
 from train_utils.inference import inference_model
@@ -86,6 +87,13 @@ def get_args_parser(add_help=True):
     parser.add_argument("--demo", action="store_true",
                         help="write a small synthetic DRIVE-format sample (if absent) and train on it on the CPU")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    # Pictures and TensorBoard (train_utils/visuals.py)
+    parser.add_argument("--plots", default=True, action=argparse.BooleanOptionalAction,
+                        help="write curves.png after every epoch and val_preview.png for the best model "
+                             "(--no-plots: neither)")
+    parser.add_argument("--tensorboard", action=visuals.TensorBoardFlag,
+                        help="also log the metrics and the preview for TensorBoard in OUTPUT_DIR/tensorboard "
+                             "(needs: pip install tensorboard)")
     return parser
 
 
@@ -292,6 +300,11 @@ def main(args):
             log_epoch(args.output_dir, results_file, epoch, mean_loss, lr, dice, confmat, vessel,
                       time.time() - epoch_start)
         save_epoch(args.output_dir, model, optimizer, lr_scheduler, scaler, epoch, best_dice, is_best, args)
+
+        # Pictures and TensorBoard (train_utils/visuals.py): main process only, never stops training.
+        visuals.after_epoch(args, epoch, mean_loss, lr, dice, vessel)
+        if is_best:
+            visuals.after_best(args, epoch, model, val_loader.dataset, device)
 
     total_time = time.time() - start_time
     print(f"training time {datetime.timedelta(seconds=int(total_time))}; best dice coefficient: {best_dice:.3f}")

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from .unet import OutConv, Up
+from .unet import OutConv, Up, _graph_capture
 
 # The normalisation the torchvision ImageNet weights were trained with; use it
 # instead of the DRIVE statistics when the encoder starts from those weights.
@@ -52,8 +52,9 @@ class BackboneUNet(nn.Module):
         x = self.up3(x, s[1])
         x = self.up4(x, s[0])
         x = self.conv(x)
-        # The shallowest stage may sit below the input resolution (MobileNet's is H/2).
-        if x.shape[-2:] != input_hw:
+        # The shallowest stage may sit below the input resolution (MobileNet's is H/2). When the model is
+        # exported, always resize (to the same size it changes nothing): a size test would be frozen.
+        if _graph_capture() or x.shape[-2:] != input_hw:
             x = F.interpolate(x, size=input_hw, mode="bilinear", align_corners=False)
         return {"out": x}
 

@@ -52,9 +52,31 @@ class Up(nn.Module):
         # Odd sizes lose a row/column in max-pooling; pad back to the skip's size.
         diff_y = x2.size(2) - x1.size(2)
         diff_x = x2.size(3) - x1.size(3)
-        if diff_y or diff_x:
-            x1 = F.pad(x1, [diff_x // 2, diff_x - diff_x // 2, diff_y // 2, diff_y - diff_y // 2])
+        # Eager mode skips the pad (a copy) when the sizes already match. Traced or exported
+        # (ONNX, torch.export, torch.compile) it always pads, with amounts computed from the
+        # shapes, so one graph serves every input size: an ``if`` on the sizes would be frozen
+        # at the example input's parity.
+        if _graph_capture() or diff_y or diff_x:
+            top, left = _half_floor(diff_y), _half_floor(diff_x)
+            x1 = F.pad(x1, [left, diff_x - left, top, diff_y - top])
         return self.conv(torch.cat([x2, x1], dim=1))
+
+
+def _half_floor(d):
+    """``d // 2``, written so that it stays exact for negative ``d`` in an exported graph.
+
+    The MobileNet U-Net's skips can be a pixel smaller than the upsampled map
+    (``d = -1``: the pad crops). torch.onnx turns ``//`` on sizes into ONNX's
+    truncating ``Div`` (-1 // 2 would become 0, cropping the wrong side);
+    ``d - d % 2`` is even, so any division of it is exact, and ONNX's ``Mod``
+    follows Python's sign rule.
+    """
+    return (d - d % 2) // 2
+
+
+def _graph_capture() -> bool:
+    """True while torch.jit.trace, torch.export, torch.onnx or torch.compile records the model."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 class OutConv(nn.Sequential):

@@ -1,0 +1,243 @@
+"""Export a checkpoint written by ``train.py`` for deployment: ONNX (runs without PyTorch) or torch.export's .pt2.
+
+    python export.py --weights save_weights/best_model.pth --format onnx --output unet.onnx
+    python export.py --weights save_weights/best_model.pth --format pt2 --output unet.pt2
+    python predict.py --weights unet.onnx --img DRIVE/test/images --roi-mask DRIVE/test/mask --output predictions
+
+Both formats hold the model in evaluation mode with BatchNorm folded into the
+convolutions. Input ``image``: float32 ``[N, 3, H, W]``, the RGB photograph
+scaled to 0..1 and normalised with the training mean and std
+(``(x / 255 - mean) / std``); output ``logits``: float32 ``[N, C, H, W]``
+(C = foreground classes + 1; the softmax's argmax is the predicted class). N,
+H and W are dynamic: any batch, any height and width of at least 32 pixels
+(64 for the backbone models), odd sizes included. The model, its class count
+and its normalisation are stored in the file (ONNX: ``metadata_props``; .pt2:
+the extra file ``model.json``), so ``predict.py --weights unet.onnx`` needs
+nothing else, and no PyTorch: only numpy, Pillow and onnxruntime.
+
+Needs PyTorch 2.6 or newer. ONNX export needs the optional packages ``onnx``
+and ``onnxscript`` (torch.onnx's exporter; ``onnxruntime`` to check the
+result): ``pip install -r requirements-extras.txt``.
+Before the file is put in place, the exported model is run on an odd-sized
+input and compared with PyTorch; a file that disagrees is never written, and
+an existing ``--output`` is only replaced by a complete, checked file.
+"""
+import argparse
+import json
+import os
+import warnings
+
+import torch
+from torch import nn
+
+import src
+from train_utils import extras
+from train_utils.checkpoint import load_checkpoint, load_model_state, model_kwargs
+from train_utils.errors import UserError, run_cli
+from train_utils.inference import inference_model
+from train_utils.transforms import DRIVE_MEAN, DRIVE_STD
+
+FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+PT2_META_FILE = "model.json"
+OPSET = 18
+# Largest difference from PyTorch accepted by the check, relative to the logits' magnitude (float32 rounding
+# differs between runtimes by ~1e-7 of it).
+CHECK_TOLERANCE = 1e-4
+
+
+def get_args_parser(add_help=True):
+    parser = argparse.ArgumentParser(description="Export a trained U-Net to ONNX or torch.export (.pt2)",
+                                     add_help=add_help)
+    parser.add_argument("--weights", default="save_weights/best_model.pth", help="checkpoint written by train.py")
+    parser.add_argument("--format", choices=sorted(FORMATS), default=None,
+                        help="onnx (onnxruntime, no PyTorch needed) or pt2 (torch.export.load); "
+                             "default: from the --output suffix")
+    parser.add_argument("--output", default=None,
+                        help="file to write, ending in .onnx or .pt2 (default: the checkpoint's name with "
+                             "the format's suffix)")
+    parser.add_argument("--opset", default=OPSET, type=int, help=f"ONNX opset version (default {OPSET})")
+    parser.add_argument("--check", default=True, action=argparse.BooleanOptionalAction,
+                        help="run the exported model on an odd-sized input and compare it with PyTorch "
+                             "before writing (ONNX: when onnxruntime is installed)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def resolve_format(args):
+    """(format, output path) from ``--format`` and ``--output``, which must agree."""
+    fmt, out = args.format, args.output
+    if fmt is None:
+        if out is None:
+            raise UserError("give --format onnx or --format pt2 (or an --output ending in .onnx or .pt2)")
+        fmt = next((f for f, ext in FORMATS.items() if out.lower().endswith(ext)), None)
+        if fmt is None:
+            raise UserError(f"--output '{out}' ends in neither .onnx nor .pt2; give --format")
+    if out is None:
+        out = os.path.splitext(args.weights)[0] + FORMATS[fmt]
+    if not out.lower().endswith(FORMATS[fmt]):
+        raise UserError(f"--output '{out}' must end in {FORMATS[fmt]} for --format {fmt} "
+                        "(predict.py recognises the model by its suffix)")
+    if os.path.isdir(out):
+        raise UserError(f"--output '{out}' is a folder; give a file name ending in {FORMATS[fmt]}")
+    return fmt, out
+
+
+def check_writable(path):
+    """The folder of ``path`` exists (or is created) and accepts files: fail before minutes of exporting."""
+    folder = os.path.dirname(os.path.abspath(path))
+    probe = os.path.join(folder, f".{os.path.basename(path)}.write-test{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write --output '{path}': {e.strerror or e}") from None
+
+
+class LogitsOnly(nn.Module):
+    """The segmentation model with its ``{"out": logits}`` dict unwrapped: one named tensor output."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        return self.model(image)["out"]
+
+
+def load_for_export(weights):
+    """(eval-mode model with BatchNorm folded, metadata dict) from a train.py checkpoint, as predict.py builds it."""
+    ckpt = load_checkpoint(weights, map_location="cpu")
+    saved = ckpt.get("args", {})
+    kwargs = model_kwargs(saved)
+    if kwargs["in_channels"] != 3:
+        raise UserError(f"checkpoint '{weights}' is for {kwargs['in_channels']}-channel input; "
+                        "export.py exports RGB models")
+    try:
+        model = src.build_model(**kwargs)
+    except ValueError as e:
+        raise UserError(f"checkpoint '{weights}': {e}") from None
+    load_model_state(model, ckpt["model"], weights)
+    net = LogitsOnly(inference_model(model, channels_last=False)).eval()
+    # The checkpoint's own ``args`` keys and meanings, so model_kwargs() reads them back unchanged.
+    meta = {"model": kwargs["model"], "num_classes": kwargs["num_classes"] - 1, "base_c": kwargs["base_c"],
+            "bilinear": kwargs["bilinear"], "in_channels": kwargs["in_channels"],
+            "mean": [float(v) for v in (saved.get("mean") or DRIVE_MEAN)],
+            "std": [float(v) for v in (saved.get("std") or DRIVE_STD)],
+            "epoch": ckpt.get("epoch"), "best_dice": ckpt.get("best_dice"),
+            "source": os.path.basename(weights), "input": INPUT_NAME, "output": OUTPUT_NAME,
+            "normalisation": "image = (rgb / 255 - mean) / std, float32 [N, 3, H, W]"}
+    return net, meta
+
+
+def min_size(model_name):
+    """Smallest height and width the export accepts: the deepest feature map must be at least 2 pixels,
+    since ``align_corners=True`` upsampling of a single pixel is a special case torch.export will not
+    generalise over."""
+    return 32 if model_name == "unet" else 64
+
+
+def example_inputs(model_name):
+    """(example batch for tracing, odd-sized batch for the check). The example's batch of 2 and even,
+    non-minimal size keep torch.export from specialising any dimension."""
+    m = min_size(model_name)
+    return torch.randn(2, 3, 2 * m, 2 * m), torch.randn(1, 3, m + 13, m + 29)
+
+
+def dynamic_shapes(model_name):
+    """torch.export's spec for the one input: batch, height and width are free."""
+    m = min_size(model_name)
+    return ({0: torch.export.Dim("batch", min=1, max=1024), 2: torch.export.Dim("height", min=m),
+             3: torch.export.Dim("width", min=m)},)
+
+
+def compare(name, got, expected):
+    """Max abs difference of two logit arrays; a ``UserError`` when it exceeds the tolerance."""
+    expected = expected.detach().numpy()
+    diff = float(abs(got - expected).max())
+    scale = max(1.0, float(abs(expected).max()))
+    if not diff <= CHECK_TOLERANCE * scale:
+        raise UserError(f"the exported model disagrees with PyTorch on a {expected.shape[2]}x{expected.shape[3]} "
+                        f"input (max abs difference {diff:.3g}); nothing was written")
+    print(f"check: {name} agrees with PyTorch on a {expected.shape[3]}x{expected.shape[2]} input "
+          f"(max abs difference {diff:.2g})")
+    return diff
+
+
+def export_onnx(net, meta, tmp, opset, check):
+    onnx, _ = extras.require("exporting to ONNX", "onnx", "onnxscript")
+    example, probe = example_inputs(meta["model"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.export's notes on the graph it specialises, not the user's concern
+        program = torch.onnx.export(net, (example,), dynamo=True, input_names=[INPUT_NAME],
+                                    output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes(meta["model"]),
+                                    opset_version=opset, verbose=False)
+    program.save(tmp, external_data=False)
+    model = onnx.load(tmp)
+    for k, v in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, json.dumps(v)
+    model.doc_string = f"U-Net vessel segmentation exported from {meta['source']} by export.py"
+    onnx.save(model, tmp)
+    if check:
+        if not extras.available("onnxruntime"):
+            print("check skipped: onnxruntime is not installed (pip install onnxruntime)")
+            return
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: probe.numpy()})[0]
+        with torch.no_grad():
+            compare("onnxruntime", got, net(probe))
+
+
+def export_pt2(net, meta, tmp, check):
+    example, probe = example_inputs(meta["model"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(net, (example,), dynamic_shapes=dynamic_shapes(meta["model"]))
+    torch.export.save(program, tmp, extra_files={PT2_META_FILE: json.dumps(meta)})
+    if check:
+        loaded = torch.export.load(tmp)
+        with torch.no_grad():
+            compare("torch.export.load", loaded.module()(probe).numpy(), net(probe))
+
+
+def check_torch_version(version=torch.__version__):
+    """torch.onnx's torch.export-based exporter and ``ONNXProgram.save`` as used here came with PyTorch 2.6."""
+    major, minor = (int(v) for v in version.split("+")[0].split(".")[:2])
+    if (major, minor) < (2, 6):
+        raise UserError(f"export.py needs PyTorch 2.6 or newer (found {version}): pip install -U torch torchvision")
+
+
+def main(args):
+    check_torch_version()
+    fmt, out = resolve_format(args)
+    if fmt == "onnx":  # before the minutes of exporting: is everything installed?
+        extras.require("exporting to ONNX", "onnx", "onnxscript")
+    check_writable(out)
+    net, meta = load_for_export(args.weights)
+    print(f"exporting {meta['model']} ({meta['num_classes'] + 1} classes incl. background"
+          + (f", base_c {meta['base_c']}" if meta["model"] == "unet" else "") + f") from '{args.weights}' to {fmt}")
+    torch.manual_seed(0)  # the same example and check inputs every time
+    folder, name = os.path.split(os.path.abspath(out))
+    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}{FORMATS[fmt]}")
+    try:
+        if fmt == "onnx":
+            export_onnx(net, meta, tmp, args.opset, args.check)
+        else:
+            export_pt2(net, meta, tmp, args.check)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    size = os.path.getsize(out) / 2 ** 20
+    print(f"wrote {out} ({size:.1f} MB): input '{INPUT_NAME}' float32 [N, 3, H, W], normalised with mean "
+          f"{meta['mean']} and std {meta['std']}; output '{OUTPUT_NAME}' [N, {meta['num_classes'] + 1}, H, W]")
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    run_cli(main, args, debug=args.debug)
