@@ -30,9 +30,8 @@ import warnings
 import torch
 from torch import nn
 
-import src
 from train_utils import extras
-from train_utils.checkpoint import load_checkpoint, load_model_state, model_kwargs
+from train_utils.checkpoint import model_from_checkpoint
 from train_utils.errors import UserError, run_cli
 from train_utils.inference import inference_model
 from train_utils.transforms import DRIVE_MEAN, DRIVE_STD
@@ -109,17 +108,8 @@ class LogitsOnly(nn.Module):
 
 def load_for_export(weights):
     """(eval-mode model with BatchNorm folded, metadata dict) from a train.py checkpoint, as predict.py builds it."""
-    ckpt = load_checkpoint(weights, map_location="cpu")
+    model, ckpt, kwargs = model_from_checkpoint(weights, "export.py exports RGB models")
     saved = ckpt.get("args", {})
-    kwargs = model_kwargs(saved)
-    if kwargs["in_channels"] != 3:
-        raise UserError(f"checkpoint '{weights}' is for {kwargs['in_channels']}-channel input; "
-                        "export.py exports RGB models")
-    try:
-        model = src.build_model(**kwargs)
-    except ValueError as e:
-        raise UserError(f"checkpoint '{weights}': {e}") from None
-    load_model_state(model, ckpt["model"], weights)
     net = LogitsOnly(inference_model(model, channels_last=False)).eval()
     # The checkpoint's own ``args`` keys and meanings, so model_kwargs() reads them back unchanged.
     meta = {"model": kwargs["model"], "num_classes": kwargs["num_classes"] - 1, "base_c": kwargs["base_c"],

@@ -35,9 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-import src
 from my_dataset import read_binary, read_image
-from train_utils.checkpoint import load_checkpoint, load_model_state, model_kwargs
+from train_utils.checkpoint import model_from_checkpoint
 from train_utils.distributed_utils import resolve_device
 from train_utils.errors import UserError, run_cli
 from train_utils.inference import estimate_fov, inference_model, predict_probabilities, size_multiple
@@ -216,19 +215,9 @@ def save_outputs(probs, image, fov, plan, args):
 
 
 def load_model(weights, device, channels_last=True):
-    """The model of a train.py checkpoint, in eval mode, and the checkpoint's ``args`` dict."""
-    ckpt = load_checkpoint(weights, map_location="cpu")
-    saved = ckpt.get("args", {})
-    kwargs = model_kwargs(saved)
-    if kwargs["in_channels"] != 3:
-        raise UserError(f"checkpoint '{weights}' is for {kwargs['in_channels']}-channel input; "
-                        "predict.py reads RGB photographs")
-    try:
-        model = src.build_model(**kwargs)
-    except ValueError as e:
-        raise UserError(f"checkpoint '{weights}': {e}") from None
-    load_model_state(model, ckpt["model"], weights)
-    return inference_model(model.to(device), channels_last), saved, kwargs
+    """The model of a train.py checkpoint, ready for inference, the checkpoint's ``args`` dict and model kwargs."""
+    model, ckpt, kwargs = model_from_checkpoint(weights, "predict.py reads RGB photographs")
+    return inference_model(model.to(device), channels_last), ckpt.get("args", {}), kwargs
 
 
 def batches_of_same_size(inputs, sizes, batch_size):

@@ -42,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from train_utils.allocator import MIMALLOC_SETTINGS, find_mimalloc, find_tcmalloc  # noqa: E402
+from train_utils.allocator import find_mimalloc, find_tcmalloc  # noqa: E402
 
 
 def get_args_parser():
@@ -153,8 +153,8 @@ def allocator_configs():
     mi = find_mimalloc()
     if mi:
         configs.append(("mimalloc, default settings", mi, {}))
-        configs.append(("mimalloc, " + " ".join(f"{k}={v}" for k, v in MIMALLOC_SETTINGS.items()), mi,
-                        dict(MIMALLOC_SETTINGS)))
+        # Faster steps, but over whole epochs a higher peak than glibc's: measured, not used.
+        configs.append(("mimalloc, MIMALLOC_PURGE_DELAY=-1", mi, {"MIMALLOC_PURGE_DELAY": "-1"}))
     return configs
 
 

@@ -42,12 +42,12 @@ def test_system_keeps_glibc():
 def test_auto_prefers_tcmalloc_then_mimalloc(monkeypatch):
     monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "libtcmalloc_minimal.so.4")
     monkeypatch.setattr(allocator, "find_mimalloc", lambda: "/x/libmimalloc.so")
-    assert allocator.choose("auto") == ("tcmalloc", "libtcmalloc_minimal.so.4", {})
+    assert allocator.choose("auto") == ("tcmalloc", "libtcmalloc_minimal.so.4")
     monkeypatch.setattr(allocator, "find_tcmalloc", lambda: None)
-    assert allocator.choose("auto") == ("mimalloc", "/x/libmimalloc.so", allocator.MIMALLOC_SETTINGS)
+    assert allocator.choose("auto") == ("mimalloc", "/x/libmimalloc.so")
     monkeypatch.setattr(allocator, "find_mimalloc", lambda: None)
-    assert allocator.choose("auto") == ("system", None, {})
-    assert allocator.choose("tcmalloc") == ("tcmalloc", None, {})  # asked for and absent: a note, then glibc
+    assert allocator.choose("auto") == ("system", None)
+    assert allocator.choose("tcmalloc") == ("tcmalloc", None)  # asked for and absent: a note, then glibc
     with pytest.raises(ValueError, match="UNET_ALLOCATOR=jemalloc"):
         allocator.choose("jemalloc")
 

@@ -145,6 +145,26 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
+def model_from_checkpoint(path, purpose="predict.py reads RGB photographs"):
+    """(model with the checkpoint's weights, on the CPU in eval mode, the checkpoint, ``build_model`` kwargs).
+
+    The model, its size and class count come from the checkpoint's ``args``
+    (this project's or the tutorial's), so nothing is retyped by hand.
+    """
+    import src  # here, not at the top: the model package must not need train_utils, and this is the one way back
+
+    ckpt = load_checkpoint(path, map_location="cpu")
+    kwargs = model_kwargs(ckpt.get("args", {}))
+    if kwargs["in_channels"] != 3:
+        raise UserError(f"checkpoint '{path}' is for {kwargs['in_channels']}-channel input; {purpose}")
+    try:
+        model = src.build_model(**kwargs)
+    except ValueError as e:
+        raise UserError(f"checkpoint '{path}': {e}") from None
+    load_model_state(model, ckpt["model"], path)
+    return model.eval(), ckpt, kwargs
+
+
 def load_model_state(model, state_dict, path):
     """``model.load_state_dict`` with a one-line error instead of a list of shape mismatches."""
     try:
