@@ -15,6 +15,8 @@ import random
 import numpy as np
 import torch
 
+import src
+
 from . import distributed_utils as utils
 from .errors import UserError
 
@@ -151,8 +153,6 @@ def model_from_checkpoint(path, purpose="predict.py reads RGB photographs"):
     The model, its size and class count come from the checkpoint's ``args``
     (this project's or the tutorial's), so nothing is retyped by hand.
     """
-    import src  # here, not at the top: the model package must not need train_utils, and this is the one way back
-
     ckpt = load_checkpoint(path, map_location="cpu")
     kwargs = model_kwargs(ckpt.get("args", {}))
     if kwargs["in_channels"] != 3:
