@@ -33,6 +33,7 @@ from torch import nn
 from train_utils import extras
 from train_utils.checkpoint import model_from_checkpoint
 from train_utils.errors import UserError, run_cli
+from train_utils.files import atomic_write, ensure_writable_folder
 from train_utils.inference import inference_model
 from train_utils.transforms import DRIVE_MEAN, DRIVE_STD
 
@@ -80,19 +81,6 @@ def resolve_format(args):
     if os.path.isdir(out):
         raise UserError(f"--output '{out}' is a folder; give a file name ending in {FORMATS[fmt]}")
     return fmt, out
-
-
-def check_writable(path):
-    """The folder of ``path`` exists (or is created) and accepts files: fail before minutes of exporting."""
-    folder = os.path.dirname(os.path.abspath(path))
-    probe = os.path.join(folder, f".{os.path.basename(path)}.write-test{os.getpid()}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write --output '{path}': {e.strerror or e}") from None
 
 
 class LogitsOnly(nn.Module):
@@ -207,22 +195,16 @@ def main(args):
     fmt, out = resolve_format(args)
     if fmt == "onnx":  # before the minutes of exporting: is everything installed?
         extras.require("exporting to ONNX", "onnx", "onnxscript")
-    check_writable(out)
+    ensure_writable_folder(os.path.dirname(os.path.abspath(out)), f"--output '{out}'")
     net, meta = load_for_export(args.weights)
     print(f"exporting {meta['model']} ({meta['num_classes'] + 1} classes incl. background"
           + (f", base_c {meta['base_c']}" if meta["model"] == "unet" else "") + f") from '{args.weights}' to {fmt}")
     torch.manual_seed(0)  # the same example and check inputs every time
-    folder, name = os.path.split(os.path.abspath(out))
-    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}{FORMATS[fmt]}")
-    try:
-        if fmt == "onnx":
-            export_onnx(net, meta, tmp, args.opset, args.check)
-        else:
-            export_pt2(net, meta, tmp, args.check)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # An existing --output is replaced only by a complete file that passed its check.
+    if fmt == "onnx":
+        atomic_write(out, lambda tmp: export_onnx(net, meta, tmp, args.opset, args.check), suffix=FORMATS[fmt])
+    else:
+        atomic_write(out, lambda tmp: export_pt2(net, meta, tmp, args.check), suffix=FORMATS[fmt])
     size = os.path.getsize(out) / 2 ** 20
     print(f"wrote {out} ({size:.1f} MB): input '{INPUT_NAME}' float32 [N, 3, H, W], normalised with mean "
           f"{meta['mean']} and std {meta['std']}; output '{OUTPUT_NAME}' [N, {meta['num_classes'] + 1}, H, W]")

@@ -29,6 +29,7 @@ from train_utils import distributed_utils as utils
 from train_utils import visuals
 from train_utils.checkpoint import adopt_checkpoint_args, load_checkpoint, plain_args, resume, safe_load, save_epoch
 from train_utils.errors import UserError, run_cli
+from train_utils.files import ensure_writable_folder
 from train_utils.inference import inference_model
 from train_utils.train_and_eval import autocast_dtype, create_lr_scheduler, evaluate, train_one_epoch
 from train_utils.transforms import BASE_SIZE, CROP_SIZE, DRIVE_MEAN, DRIVE_STD, get_transform
@@ -158,17 +159,10 @@ def prepare_output_dir(path):
 
     Also removes temporary checkpoint files a killed run may have left behind.
     """
-    try:
-        os.makedirs(path, exist_ok=True)
-        for name in os.listdir(path):
-            if name.startswith(".") and ".pth.tmp" in name:
-                os.remove(os.path.join(path, name))
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to --output-dir '{path}': {e.strerror or e}") from None
+    ensure_writable_folder(path, f"--output-dir '{path}'")
+    for name in os.listdir(path):
+        if name.startswith(".") and ".pth.tmp" in name:
+            os.remove(os.path.join(path, name))
 
 
 def default_workers(device, batch_size, workers=None):
@@ -296,13 +290,14 @@ def main(args):
 
         is_best = dice > best_dice
         best_dice = max(best_dice, dice)
+        record = None
         if utils.is_main_process():
-            log_epoch(args.output_dir, results_file, epoch, mean_loss, lr, dice, confmat, vessel,
-                      time.time() - epoch_start)
+            record = log_epoch(args.output_dir, results_file, epoch, mean_loss, lr, dice, confmat, vessel,
+                               time.time() - epoch_start)
         save_epoch(args.output_dir, model, optimizer, lr_scheduler, scaler, epoch, best_dice, is_best, args)
 
         # Pictures and TensorBoard (train_utils/visuals.py): main process only, never stops training.
-        visuals.after_epoch(args, epoch, mean_loss, lr, dice, vessel)
+        visuals.after_epoch(args, record)
         if is_best:
             visuals.after_best(args, epoch, model, val_loader.dataset, device)
 
@@ -345,7 +340,7 @@ def wrap_for_training(model, args, device):
 
 
 def log_epoch(output_dir, results_file, epoch, mean_loss, lr, dice, confmat, vessel, epoch_time):
-    """The tutorial's results block for the epoch, and one JSON line in ``log.jsonl``."""
+    """The tutorial's results block for the epoch, and one JSON line in ``log.jsonl``; returns that record."""
     with open(results_file, "a") as f:
         f.write(f"[epoch: {epoch}]\ntrain_loss: {mean_loss:.4f}\nlr: {lr:.6f}\n"
                 f"dice coefficient: {dice:.3f}\n{confmat}\n{format_metrics(vessel)}\n\n")
@@ -353,6 +348,7 @@ def log_epoch(output_dir, results_file, epoch, mean_loss, lr, dice, confmat, ves
               **confmat.summary(), **vessel, "epoch_time": epoch_time}
     with open(os.path.join(output_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+    return record
 
 
 def json_safe(value):

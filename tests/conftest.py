@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -21,6 +22,21 @@ def drive_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("drive"))
     write_synthetic_drive(root, num_train=4, num_test=3, height=64, width=60, seed=1)
     return root
+
+
+def spread_output(model, x):
+    """Rescale ``model``'s output layer so that on the batch ``x`` its classes split the pixels roughly evenly.
+
+    A randomly initialised U-Net's logits barely vary over an image: every pixel
+    would be background, and tests comparing predictions would prove nothing.
+    """
+    with torch.no_grad():
+        logits = model.eval()(x)["out"].transpose(0, 1).flatten(1)
+        conv = model.out_conv[0]
+        scale = 4.0 / logits.std(dim=1).mean().clamp(min=1e-6)
+        conv.weight.mul_(scale)
+        conv.bias.mul_(scale).sub_(logits.median(dim=1).values * scale)
+    return model
 
 
 def run_script(script, *args, env=None, timeout=300):

@@ -133,7 +133,7 @@ def test_a_drawing_failure_never_stops_training(drive_root, tmp_path, monkeypatc
 def test_only_the_main_process_draws(tmp_path, monkeypatch):
     monkeypatch.setattr(visuals.utils, "is_main_process", lambda: False)
     args = parse("--output-dir", tmp_path, "--epochs", 1)
-    visuals.after_epoch(args, 0, 1.0, 0.01, 0.5, {"auc": 0.9})
+    visuals.after_epoch(args, {"epoch": 0, "train_loss": 1.0, "lr": 0.01, "dice": 0.5, "auc": 0.9, "epoch_time": 1.0})
     visuals.after_best(args, 0, None, None)
     assert os.listdir(tmp_path) == []
 

@@ -11,7 +11,7 @@ from PIL import Image
 import predict
 from my_dataset import synthetic_fundus, write_synthetic_drive
 from src import build_model
-from tests.conftest import run_script
+from tests.conftest import run_script, spread_output
 from train_utils.errors import run_cli
 from train_utils.inference import blend_weights, estimate_fov, predict_probabilities, tile_grid
 from train_utils.transforms import DRIVE_MEAN, DRIVE_STD, normalize_image
@@ -29,14 +29,7 @@ def spread_unet(num_classes, seed=0, calib=None):
     model = build_model("unet", num_classes=num_classes, base_c=8).eval()
     if calib is None:
         calib = synthetic_fundus(H, W, seed=seed)[0]
-    x = normalize_image(torch.from_numpy(calib).permute(2, 0, 1)[None], DRIVE_MEAN, DRIVE_STD)
-    with torch.no_grad():
-        logits = model(x)["out"][0].flatten(1)
-        conv = model.out_conv[0]
-        scale = 4.0 / logits.std(dim=1).mean().clamp(min=1e-6)
-        conv.weight.mul_(scale)
-        conv.bias.mul_(scale).sub_(logits.median(dim=1).values * scale)
-    return model
+    return spread_output(model, normalize_image(torch.from_numpy(calib).permute(2, 0, 1)[None], DRIVE_MEAN, DRIVE_STD))
 
 
 def write_checkpoint(path, model, num_classes):

@@ -19,6 +19,7 @@ import src
 
 from . import distributed_utils as utils
 from .errors import UserError
+from .files import atomic_write
 
 # What a checkpoint's ``args`` must hold to rebuild its model, with the value assumed when absent
 # (the tutorial saved no model name or width: its model is the bilinear U-Net with base_c=32).
@@ -84,30 +85,12 @@ def adopt_checkpoint_args(args, saved: dict, path, explicit=()):
 
 
 def save_checkpoint(state, path):
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, flushed, then renamed.
-
-    A crash or a full disk at any moment leaves the previous file as it was.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
+    """Write ``state`` to ``path`` atomically and durably: a crash at any moment leaves the previous file."""
+    def write(tmp):
         with open(tmp, "wb") as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+
+    atomic_write(path, write, durable=True)
 
 
 def safe_load(path, map_location="cpu", what="checkpoint"):

@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import distributed_utils as utils
 from . import extras
+from .files import atomic_write
 
 CURVES_FILE = "curves.png"
 PREVIEW_FILE = "val_preview.png"
@@ -70,14 +71,7 @@ class TensorBoardFlag(argparse.Action):
 
 def write_png_atomic(path, write):
     """Call ``write(tmp_path)`` then rename the file to ``path``: readers see the old picture or the new one."""
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}.png")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, write, suffix=".png")
 
 
 def _values(history, key):
@@ -293,8 +287,10 @@ class _RunVisuals:
         writer, epoch = self.tensorboard(record["epoch"]), record["epoch"]
         writer.add_scalar("train/loss", record["train_loss"], epoch)
         writer.add_scalar("train/lr", record["lr"], epoch)
+        writer.add_scalar("train/epoch_time", record["epoch_time"], epoch)
         for k, v in record.items():
-            if k not in ("epoch", "train_loss", "lr") and isinstance(v, (int, float)) and math.isfinite(v):
+            if (k not in ("epoch", "train_loss", "lr", "epoch_time") and isinstance(v, (int, float))
+                    and math.isfinite(v)):
                 writer.add_scalar(f"val/{k}", v, epoch)
         writer.flush()
 
@@ -335,18 +331,18 @@ def _close():
         _run.close()
 
 
-def after_epoch(args, epoch, train_loss, lr, dice, metrics):
+def after_epoch(args, record):
     """After each epoch's validation: redraw ``curves.png`` and log the scalars (main process only).
 
-    ``metrics`` is the dict of vessel metrics (``auc`` among them).
+    ``record`` is the epoch's ``log.jsonl`` record (``epoch``, ``train_loss``,
+    ``lr``, ``dice``, ``auc``, ...), as ``train.log_epoch`` returns it.
     """
     if not utils.is_main_process() or not (_plots(args) or _tensorboard(args)):
         return
     run = _state(args)
+    epoch = record["epoch"]
     if run.history is None:
         run.history = run.load_history(epoch)
-    record = {"epoch": epoch, "train_loss": float(train_loss), "lr": float(lr), "dice": float(dice),
-              **{k: float(v) for k, v in metrics.items()}}
     run.history.append(record)
     if _plots(args) and run.curves_due(epoch):
         start = time.perf_counter()
