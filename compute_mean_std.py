@@ -1,11 +1,15 @@
-"""Per-channel mean and std of the DRIVE images inside their field of view (FOV), for ``--mean``/``--std``.
+"""Per-channel mean and std of a dataset's images inside their field of view (FOV), for ``--mean``/``--std``.
 
 Example::
 
     python compute_mean_std.py --data-path ./ --split training
+    python compute_mean_std.py --dataset stare --data-path STARE
 
-``--data-path`` names the folder that holds ``DRIVE/``. Every pixel inside
-the FOV mask of every image of the split counts once, in units of [0, 1]
+``--data-path`` names the folder that holds ``DRIVE/`` (or, with
+``--dataset``, the folder another dataset's archive unpacks to, as train.py
+reads it). Every pixel inside the FOV of every image of the split counts
+once (the FOV mask, or for datasets without masks the FOV estimated from the
+dark border, as train.py and predict.py estimate it), in units of [0, 1]
 (pixel / 255), and the std is the population std (ddof=0) of all those pixels
 pooled. The figures are exact: per-channel histograms of the 8-bit values are
 summed as integers, so nothing is rounded until the final division.
@@ -23,7 +27,7 @@ import math
 
 import numpy as np
 
-from my_dataset import drive_files, read_binary, read_image
+from my_dataset import DATASETS, FOV_MODES, dataset_files, field_of_view, read_image
 from train_utils.errors import UserError, run_cli
 
 CHANNELS = 3
@@ -47,7 +51,7 @@ def _mean_std(n, s, ss):
     return mean, std
 
 
-def compute_mean_std(root, split="training"):
+def compute_mean_std(root, split="training", dataset="drive", fov="estimate"):
     """Statistics of one split's images inside the FOV, in units of [0, 1].
 
     Returns a dict:
@@ -58,15 +62,16 @@ def compute_mean_std(root, split="training"):
       images of each image's own FOV mean and std (the original script's figures);
     - ``num_images``, ``num_pixels`` (FOV pixels in all, per channel).
     """
-    files = drive_files(root, split)
+    files = dataset_files(dataset, root, split)
+    if not files:
+        raise UserError(f"the {dataset} dataset in '{root}' has no {split} images")
     total = np.zeros((CHANNELS, 256), dtype=np.int64)
     image_means, image_stds = [], []
     for img_path, _, mask_path in files:
         img = read_image(img_path, "RGB")
-        fov = read_binary(mask_path, img_path, img.shape[:2])
-        pixels = img[fov]  # [n, 3] uint8
+        pixels = img[field_of_view(img, mask_path, img_path, fov)]  # [n, 3] uint8
         if pixels.shape[0] == 0:
-            raise UserError(f"FOV mask '{mask_path}' selects no pixels (is it all black?)")
+            raise UserError(f"the FOV of '{img_path}' holds no pixels (is its mask all black?)")
         hist = np.stack([np.bincount(pixels[:, c], minlength=256) for c in range(CHANNELS)]).astype(np.int64)
         total += hist
         mean, std = _mean_std(*_moments(hist))
@@ -91,9 +96,13 @@ def _fmt(values):
 
 
 def get_args_parser(add_help=True):
-    parser = argparse.ArgumentParser(description="Per-channel mean/std of DRIVE images inside the FOV",
+    parser = argparse.ArgumentParser(description="Per-channel mean/std of a dataset's images inside the FOV",
                                      add_help=add_help)
-    parser.add_argument("--data-path", default="./", help="folder that holds DRIVE/ (default: ./)")
+    parser.add_argument("--data-path", default="./",
+                        help="folder that holds DRIVE/, or the folder another dataset unpacks to (default: ./)")
+    parser.add_argument("--dataset", default="drive", choices=DATASETS, help="file layout of --data-path")
+    parser.add_argument("--fov", default="estimate", choices=FOV_MODES,
+                        help="images without a FOV mask: estimate the FOV from the dark border, or use all pixels")
     parser.add_argument("--split", default="training", choices=("training", "test"),
                         help="which split to measure (default: training)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -101,8 +110,8 @@ def get_args_parser(add_help=True):
 
 
 def main(args):
-    r = compute_mean_std(args.data_path, args.split)
-    print(f"split: {args.split}, images: {r['num_images']}, FOV pixels: {r['num_pixels']}")
+    r = compute_mean_std(args.data_path, args.split, args.dataset, args.fov)
+    print(f"dataset: {args.dataset}, split: {args.split}, images: {r['num_images']}, FOV pixels: {r['num_pixels']}")
     print("pooled over all FOV pixels:")
     print(f"  mean: {_fmt(r['mean'])}")
     print(f"  std:  {_fmt(r['std'])}")

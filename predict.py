@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from my_dataset import read_binary, read_image
+from my_dataset import IMAGE_EXTS, image_size, is_image_name, read_binary, read_image, split_ext
 from train_utils.checkpoint import model_from_checkpoint
 from train_utils.distributed_utils import resolve_device
 from train_utils.errors import UserError, run_cli
@@ -43,7 +43,6 @@ from train_utils.inference import estimate_fov, inference_model, predict_probabi
 from train_utils.train_and_eval import autocast_dtype
 from train_utils.transforms import DRIVE_MEAN, DRIVE_STD
 
-IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif", ".bmp")
 OVERLAY_ALPHA = 0.6
 # Class colours for overlays and palette masks: background black, then green (vessels), red, blue, ...
 CLASS_COLOURS = [(0, 0, 0), (0, 255, 0), (255, 0, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
@@ -57,10 +56,12 @@ def get_args_parser(add_help=True):
                         help="checkpoint written by train.py, or an .onnx model written by export.py "
                              "(run with onnxruntime on the CPU)")
     parser.add_argument("--img", "--input", dest="img", required=True,
-                        help="an image file (.tif/.png/.jpg/.gif/.bmp) or a folder of them")
+                        help="an image file (.tif/.png/.jpg/.gif/.bmp/.ppm/.pgm, also gzip-compressed as "
+                             ".ppm.gz) or a folder of them")
     parser.add_argument("--roi-mask", "--roi_mask", dest="roi_mask", default=None,
-                        help="FOV mask file, or a folder holding <stem>_mask.* (DRIVE: NN_test_mask.gif) or "
-                             "<stem>.* for every image; default: estimate the FOV from the image")
+                        help="FOV mask file, or a folder holding <stem>_mask.* (DRIVE: NN_test_mask.gif for "
+                             "NN_test.tif, HRF: NN_h_mask.tif for NN_h.jpg) or <stem>.* for every image; "
+                             "default: estimate the FOV from the image")
     parser.add_argument("--output", default="predictions",
                         help="output folder, or a .png file name when predicting one image")
     parser.add_argument("--save-prob", "--save_prob", dest="save_prob", action="store_true",
@@ -97,24 +98,13 @@ def check_args(args):
 # inputs and outputs
 
 
-def image_size(path):
-    """(width, height) from the file's header, a clear error when it is not an image."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except FileNotFoundError:
-        raise UserError(f"input '{path}' does not exist") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image '{path}': {e}") from None
-
-
 def list_inputs(path):
     """The image files to predict: ``path`` itself, or every image file of the folder ``path``, sorted."""
     if os.path.isdir(path):
         files = sorted(os.path.join(path, n) for n in os.listdir(path)
-                       if n.lower().endswith(IMAGE_EXTS) and os.path.isfile(os.path.join(path, n)))
+                       if is_image_name(n) and os.path.isfile(os.path.join(path, n)))
         if not files:
-            raise UserError(f"folder '{path}' holds no image files ({', '.join(IMAGE_EXTS)})")
+            raise UserError(f"folder '{path}' holds no image files ({', '.join(IMAGE_EXTS)}, or those .gz)")
         return files
     if not os.path.exists(path):
         raise UserError(f"input '{path}' does not exist")
@@ -122,7 +112,8 @@ def list_inputs(path):
 
 
 def stem_of(path):
-    return os.path.splitext(os.path.basename(path))[0]
+    """The file name without its extension (and without ``.gz``: ``im0001.ppm.gz`` -> ``im0001``)."""
+    return split_ext(os.path.basename(path))[0]
 
 
 def find_mask(roi, img_path):
@@ -137,7 +128,7 @@ def find_mask(roi, img_path):
     names = sorted(n for n in os.listdir(roi) if os.path.isfile(os.path.join(roi, n)))
     by_stem = {}
     for n in names:
-        s, ext = os.path.splitext(n)
+        s, ext = split_ext(n)
         if ext:
             by_stem.setdefault(s, []).append(n)
     img_real = os.path.realpath(img_path)

@@ -1,11 +1,14 @@
-"""Train the U-Net on DRIVE on one process (CPU or one GPU); ``train_multi_GPU.py`` runs the same loop under DDP.
+"""Train the U-Net on DRIVE (or CHASE_DB1, STARE, HRF, a folder) on one process (CPU or one GPU);
+``train_multi_GPU.py`` runs the same loop under DDP.
 
     python train.py --demo                                   # synthetic sample, CPU-sized, end to end
     python train.py --data-path /data --num-classes 1 --epochs 200
+    python train.py --dataset chase_db1 --data-path CHASEDB1 --val-split 4      # validate on 4 held-out images
     python train.py --data-path /data --resume save_weights/checkpoint.pth   # continue
     python train.py --data-path /data --test-only --resume save_weights/best_model.pth
 """
 import argparse
+import csv
 import datetime
 import json
 import math
@@ -24,15 +27,16 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
 import src
-from my_dataset import DriveDataset, ensure_synthetic_drive
+from my_dataset import DATASETS, FOV_MODES, VesselDataset, dataset_files, ensure_synthetic_drive, holdout
 from train_utils import distributed_utils as utils
 from train_utils import visuals
-from train_utils.checkpoint import adopt_checkpoint_args, load_checkpoint, plain_args, resume, safe_load, save_epoch
+from train_utils.checkpoint import (CARRIED_KEYS, adopt_checkpoint_args, load_checkpoint, plain_args, resume,
+                                    safe_load, save_epoch)
 from train_utils.errors import UserError, run_cli
-from train_utils.files import ensure_writable_folder
-from train_utils.inference import inference_model
+from train_utils.files import atomic_write, ensure_writable_folder
+from train_utils.inference import inference_model, size_multiple
 from train_utils.train_and_eval import autocast_dtype, create_lr_scheduler, evaluate, train_one_epoch
-from train_utils.transforms import BASE_SIZE, CROP_SIZE, DRIVE_MEAN, DRIVE_STD, get_transform
+from train_utils.transforms import BASE_SIZE, CROP_SIZE, DATASET_MEAN_STD, DRIVE_MEAN, DRIVE_STD, get_transform
 from train_utils.vessel_metrics import VesselMetrics, format_metrics
 
 # ``--demo``: a run small enough for a laptop CPU that still learns the synthetic vessels.
@@ -40,11 +44,26 @@ from train_utils.vessel_metrics import VesselMetrics, format_metrics
 DEMO_DEFAULTS = dict(data_path="data/synthetic", output_dir="save_weights/demo", epochs=30, crop_size=96,
                      base_size=128, base_c=16, batch_size=4, print_freq=5, device="cpu", seed=0)
 DEMO_DATA = dict(num_train=20, num_test=5, height=128, width=124, seed=0)
+# What a resumed run also takes from its checkpoint: the held-out validation images stay the same.
+RESUMED_KEYS = ("dataset", "val_split", "val_seed", "val_images", "fov")
 
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description="PyTorch U-Net training on DRIVE", add_help=add_help)
-    parser.add_argument("--data-path", default="./", help="folder that holds DRIVE/")
+    parser.add_argument("--data-path", default="./",
+                        help="drive: the folder that holds DRIVE/; other datasets: the folder their archive "
+                             "unpacks to (see my_dataset.py)")
+    parser.add_argument("--dataset", default="drive", choices=DATASETS, help="file layout and split of --data-path")
+    parser.add_argument("--val-split", default=0, type=int, metavar="N",
+                        help="validate (and pick best_model.pth) on N held-out training images instead of the "
+                             "test split, which only --test-only then reads (default 0: the tutorial's protocol)")
+    parser.add_argument("--val-seed", default=0, type=int, help="seed of --val-split's choice of images")
+    parser.add_argument("--fov", default="estimate", choices=FOV_MODES,
+                        help="field of view of images without a FOV mask (CHASE_DB1, STARE, a folder without "
+                             "masks/): estimate it from the dark border as predict.py does, or count all pixels")
+    parser.add_argument("--val-tile-size", default=1024, type=int,
+                        help="validation images larger than this are predicted in tiles, as predict.py does "
+                             "(0: never)")
     parser.add_argument("--num-classes", default=1, type=int, help="foreground classes (background excluded)")
     parser.add_argument("--model", default="unet", choices=src.MODEL_NAMES)
     parser.add_argument("--base-c", default=32, type=int, help="U-Net width (channels of the first stage)")
@@ -68,11 +87,14 @@ def get_args_parser(add_help=True):
                         help="mixed precision: float16 on CUDA (see --amp-dtype), bfloat16 on the CPU")
     parser.add_argument("--amp-dtype", default=None, choices=["float16", "bfloat16"],
                         help="with --amp: the autocast dtype (default float16 on CUDA, bfloat16 on the CPU)")
-    parser.add_argument("--crop-size", default=CROP_SIZE, type=int, help="training crop (pixels)")
-    parser.add_argument("--base-size", default=BASE_SIZE, type=int,
-                        help="random resize of the shorter side to [0.5, 1.2] x this")
-    parser.add_argument("--mean", default=None, type=float, nargs=3, help=f"default {DRIVE_MEAN}")
-    parser.add_argument("--std", default=None, type=float, nargs=3, help=f"default {DRIVE_STD}")
+    parser.add_argument("--crop-size", default=None, type=int,
+                        help=f"training crop (pixels; default {CROP_SIZE}, or --base-size if smaller)")
+    parser.add_argument("--base-size", default=None, type=int,
+                        help=f"random resize of the shorter side to [0.5, 1.2] x this (default: drive {BASE_SIZE}, "
+                             "else the median shorter side of the training images)")
+    parser.add_argument("--mean", default=None, type=float, nargs=3,
+                        help=f"default: the dataset's (compute_mean_std.py), DRIVE's {DRIVE_MEAN} for hrf/folder")
+    parser.add_argument("--std", default=None, type=float, nargs=3, help=f"default: as --mean; DRIVE's {DRIVE_STD}")
     parser.add_argument("--pretrained-backbone", default="", metavar="PATH",
                         help="local torchvision ImageNet weight file for the vgg16/mobilenet encoder")
     parser.add_argument("--seed", default=None, type=int, help="seed every random generator")
@@ -144,7 +166,7 @@ def load_backbone_file(model, path):
 def check_args(args):
     """Reject impossible settings before any work starts."""
     for name in ("num_classes", "batch_size", "epochs", "crop_size", "base_size", "base_c", "print_freq"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     if args.workers is not None and args.workers < 0:
         raise UserError("--workers must be >= 0")
@@ -152,6 +174,8 @@ def check_args(args):
         raise UserError("--test-only needs the weights to evaluate: --resume PATH")
     if args.std is not None and min(args.std) <= 0:
         raise UserError("--std values must be positive")
+    if args.val_split < 0 or args.val_tile_size < 0:
+        raise UserError("--val-split and --val-tile-size must be >= 0")
 
 
 def prepare_output_dir(path):
@@ -190,23 +214,77 @@ def default_train_channels_last(device, channels_last=None):
     return device.type == "cuda" if channels_last is None else channels_last
 
 
+def build_datasets(args):
+    """(training dataset or None under --test-only, validation dataset), with the sizes defaulted.
+
+    Validation is the test split (the tutorial's protocol) or, with
+    ``--val-split N``, N training images held out by a seeded choice that is
+    recorded in ``args.val_images`` (and so in the checkpoint).
+    """
+    eval_tf = get_transform(False, args.mean, args.std)
+    kw = dict(num_classes=args.num_classes, fov=args.fov)
+    where = f"the {args.dataset} dataset in '{args.data_path}'"
+    if args.test_only:
+        test = dataset_files(args.dataset, args.data_path, "test")
+        if not test:
+            raise UserError(f"{where} has no test images to evaluate")
+        return None, VesselDataset(test, eval_tf, **kw)
+
+    train = dataset_files(args.dataset, args.data_path, "training")
+    if not train:
+        raise UserError(f"{where} has no training images")
+    if args.val_split:
+        held = holdout(len(train), args.val_split, args.val_seed)
+        names = [os.path.basename(train[i].image) for i in held]
+        if getattr(args, "val_images", None) and args.val_images != names:  # resumed: same images or nothing
+            raise UserError(f"the checkpoint validated on {', '.join(args.val_images)}, but --val-split now "
+                            f"picks {', '.join(names)}: the training images changed")
+        args.val_images = names
+        val = [train[i] for i in held]
+        train = [t for i, t in enumerate(train) if i not in held]
+        print(f"validation: {len(val)} held-out training images ({', '.join(names)}); "
+              f"the test split is left for --test-only")
+    else:
+        val = dataset_files(args.dataset, args.data_path, "test")
+        if not val:
+            raise UserError(f"{where} has no test images to validate on; hold out training images with "
+                            "--val-split N")
+    train_dataset = VesselDataset(train, **kw)
+    default_sizes(args, train_dataset)
+    train_dataset.transforms = get_transform(True, args.mean, args.std, base_size=args.base_size,
+                                             crop_size=args.crop_size)
+    return train_dataset, VesselDataset(val, eval_tf, **kw)
+
+
+def default_sizes(args, train_dataset):
+    """``--base-size`` and ``--crop-size`` when not given: the tutorial's for DRIVE; for other datasets the
+    median shorter side of the training images, and a crop no larger than that."""
+    if args.base_size is None:
+        if args.dataset == "drive":
+            args.base_size = BASE_SIZE
+        else:
+            args.base_size = int(np.median([min(hw) for hw in train_dataset.image_sizes()]))
+    if args.crop_size is None:
+        args.crop_size = min(CROP_SIZE, args.base_size)
+    print(f"training images: random resize of the shorter side to [0.5, 1.2] x {args.base_size}, "
+          f"crop {args.crop_size}")
+
+
 def build_data_loaders(args, device):
     """(train loader or None under --test-only, validation loader).
 
     Under DDP the training set is shuffled per epoch by a DistributedSampler and
     every validation image goes to exactly one process.
     """
-    val_dataset = DriveDataset(args.data_path, train=False, transforms=get_transform(False, args.mean, args.std))
+    train_dataset, val_dataset = build_datasets(args)
     num_workers = default_workers(device, args.batch_size, args.workers)
     pin = device.type == "cuda"
     val_sampler = utils.ShardedEvalSampler(val_dataset) if args.distributed else SequentialSampler(val_dataset)
     val_loader = DataLoader(val_dataset, batch_size=1, sampler=val_sampler, num_workers=min(num_workers, 2),
-                            pin_memory=pin, collate_fn=DriveDataset.collate_fn)
-    if args.test_only:
+                            pin_memory=pin, collate_fn=VesselDataset.collate_fn)
+    if train_dataset is None:
         return None, val_loader
 
-    train_dataset = DriveDataset(args.data_path, train=True, transforms=get_transform(
-        True, args.mean, args.std, base_size=args.base_size, crop_size=args.crop_size))
     if args.batch_size > len(train_dataset) // args.world_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_dataset)} training images"
                         + (f" split over {args.world_size} processes" if args.distributed else ""))
@@ -215,7 +293,7 @@ def build_data_loaders(args, device):
     else:
         train_sampler = RandomSampler(train_dataset)
     train_loader = DataLoader(train_dataset, batch_size=args.batch_size, sampler=train_sampler,
-                              num_workers=num_workers, pin_memory=pin, collate_fn=DriveDataset.collate_fn)
+                              num_workers=num_workers, pin_memory=pin, collate_fn=VesselDataset.collate_fn)
     return train_loader, val_loader
 
 
@@ -233,7 +311,8 @@ def main(args):
           + (f", {args.world_size} processes ({args.dist_backend})" if args.distributed else ""))
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     if checkpoint is not None:  # the checkpoint's model, class count and normalisation
-        adopt_checkpoint_args(args, checkpoint["args"], args.resume, getattr(args, "explicit_flags", ()))
+        adopt_checkpoint_args(args, checkpoint["args"], args.resume, getattr(args, "explicit_flags", ()),
+                              keys=CARRIED_KEYS if args.test_only else CARRIED_KEYS + RESUMED_KEYS)
     set_default_normalisation(args)
     print(argparse.Namespace(**plain_args(args)))
     seed_and_tune(args, device)
@@ -243,8 +322,8 @@ def main(args):
         ensure_synthetic_drive(args.data_path, **DEMO_DATA)
     if args.distributed:
         torch.distributed.barrier()
-    if utils.is_main_process() and not args.test_only:
-        prepare_output_dir(args.output_dir)
+    if utils.is_main_process():
+        prepare_output_dir(args.output_dir)  # --test-only too: test_metrics.csv goes there
     train_loader, val_loader = build_data_loaders(args, device)
 
     # A resumed run takes its weights from the checkpoint: no backbone file needed.
@@ -253,7 +332,13 @@ def main(args):
     if args.test_only:
         resume(checkpoint, args.resume, model)
         print(f"loaded '{args.resume}' (epoch {checkpoint.get('epoch', '?')})")
-        report_validation(model, val_loader, device, num_classes, args.channels_last)
+        rows = []
+        _, dice, vessel = report_validation(model, val_loader, device, num_classes, args.channels_last,
+                                            args.val_tile_size, size_multiple(args.model), per_image=rows)
+        rows = gather_image_rows(val_loader, rows)
+        if utils.is_main_process():
+            path = write_test_metrics(args.output_dir, rows, dice, vessel)
+            print(f"per-image metrics: '{path}'")
         return
 
     train_channels_last = default_train_channels_last(device, args.channels_last)
@@ -286,7 +371,8 @@ def main(args):
                                         lr_scheduler=lr_scheduler, print_freq=args.print_freq, scaler=scaler,
                                         amp_dtype=amp_dtype, channels_last=train_channels_last)
         utils.broadcast_buffers(model)  # every process validates and saves rank 0's BatchNorm statistics
-        confmat, dice, vessel = report_validation(model, val_loader, device, num_classes, args.channels_last)
+        confmat, dice, vessel = report_validation(model, val_loader, device, num_classes, args.channels_last,
+                                                  args.val_tile_size, size_multiple(args.model))
 
         is_best = dice > best_dice
         best_dice = max(best_dice, dice)
@@ -308,11 +394,13 @@ def main(args):
 
 
 def set_default_normalisation(args):
-    """mean/std not given (nor taken from a checkpoint): ImageNet's for a pretrained encoder, else DRIVE's."""
+    """mean/std not given (nor taken from a checkpoint): ImageNet's for a pretrained encoder, else the
+    dataset's training-split statistics where known, else DRIVE's."""
+    mean, std = DATASET_MEAN_STD.get(getattr(args, "dataset", "drive"), (DRIVE_MEAN, DRIVE_STD))
     if args.mean is None:
-        args.mean = list(src.IMAGENET_MEAN if args.pretrained_backbone else DRIVE_MEAN)
+        args.mean = list(src.IMAGENET_MEAN if args.pretrained_backbone else mean)
     if args.std is None:
-        args.std = list(src.IMAGENET_STD if args.pretrained_backbone else DRIVE_STD)
+        args.std = list(src.IMAGENET_STD if args.pretrained_backbone else std)
 
 
 def seed_and_tune(args, device):
@@ -362,23 +450,57 @@ def json_safe(value):
     return value
 
 
-def report_validation(model, val_loader, device, num_classes, channels_last=None):
+def report_validation(model, val_loader, device, num_classes, channels_last=None, tile_size=0, multiple=16,
+                      per_image=None):
     """Evaluate and print the tutorial's block, ``dice coefficient: x`` and the vessel metrics.
 
     Validation runs in float32 whatever ``--amp`` says (as the tutorial's), on a
     copy of ``model`` with BatchNorm folded into the convolutions, in channels_last
-    unless ``channels_last`` is False. Returns (confusion matrix, dice, vessel
-    metrics as a dict): the AUC sorts every validation pixel, so it is computed once here.
+    unless ``channels_last`` is False; images larger than ``tile_size`` in tiles.
+    Returns (confusion matrix, dice, vessel metrics as a dict): the AUC sorts
+    every validation pixel, so it is computed once here. ``per_image``: see ``evaluate``.
     """
     channels_last = channels_last is not False
     vessel = VesselMetrics(ignore_index=255)
     confmat, dice = evaluate(inference_model(model, channels_last), val_loader, device=device,
-                             num_classes=num_classes, channels_last=channels_last, vessel_metrics=vessel)
+                             num_classes=num_classes, channels_last=channels_last, vessel_metrics=vessel,
+                             tile_size=tile_size, multiple=multiple, per_image=per_image)
     vessel_values = vessel.compute()
     print(confmat)
     print(f"dice coefficient: {dice:.3f}")
     print(format_metrics(vessel_values))
     return confmat, dice, vessel_values
+
+
+TEST_METRICS_FILE = "test_metrics.csv"
+TEST_METRICS_COLUMNS = ("dice",) + VesselMetrics.NAMES
+
+
+def gather_image_rows(val_loader, rows):
+    """Every process's per-image rows, as (image file name, row) in the dataset's order (on every process)."""
+    indices = list(iter(val_loader.sampler))  # batch size 1: one row per index, in this order
+    pairs = list(zip(indices, rows))
+    if utils.is_dist_avail_and_initialized():
+        gathered = [None] * utils.get_world_size()
+        torch.distributed.all_gather_object(gathered, pairs)
+        pairs = [p for part in gathered for p in part]
+    names = val_loader.dataset.img_list
+    return [(os.path.basename(names[i]), row) for i, row in sorted(pairs, key=lambda p: p[0])]
+
+
+def write_test_metrics(output_dir, rows, dice, vessel):
+    """``test_metrics.csv``: a row per image (its dice and vessel metrics), then ``pooled``: the printed values."""
+    path = os.path.join(output_dir, TEST_METRICS_FILE)
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(("image",) + TEST_METRICS_COLUMNS)
+            for name, row in rows + [("pooled", {"dice": dice, **vessel})]:
+                w.writerow([name] + [f"{row[k]:.6f}" for k in TEST_METRICS_COLUMNS])
+
+    atomic_write(path, write)
+    return path
 
 
 def cli(parser, argv=None):

@@ -51,15 +51,15 @@ def model_kwargs(args: dict):
             "base_c": int(a["base_c"]), "bilinear": bool(a["bilinear"])}
 
 
-def adopt_checkpoint_args(args, saved: dict, path, explicit=()):
-    """Set ``args``' model settings (``CARRIED_KEYS``) to those the checkpoint was trained with.
+def adopt_checkpoint_args(args, saved: dict, path, explicit=(), keys=CARRIED_KEYS):
+    """Set ``args``' settings ``keys`` (the model's: ``CARRIED_KEYS``) to those the checkpoint was trained with.
 
     A checkpoint carries its model: evaluating or resuming it needs none of its
     flags retyped. A flag in ``explicit`` (given on the command line) that
     contradicts the checkpoint is an error naming both values.
     """
     adopted = []
-    for key in CARRIED_KEYS:
+    for key in keys:
         if key in saved:
             value = saved[key]
         elif key in MODEL_KEYS:

@@ -122,7 +122,8 @@ def _forward_probs(model, x, amp_dtype=None, tta=False, channels_last=False):
 @torch.inference_mode()
 def predict_probabilities(model, images: torch.Tensor, mean, std, tile_size=1024, tile_overlap=128,
                           batch_size=1, multiple=16, amp_dtype=None, tta=False, channels_last=False):
-    """Class probabilities ``[N, C, H, W]`` (float32, on the model's device) for uint8 images ``[N, 3, H, W]``.
+    """Class probabilities ``[N, C, H, W]`` (float32, on the model's device) for uint8 images ``[N, 3, H, W]``
+    (or images already normalised, with ``mean=None``).
 
     The images stay where they are (the CPU, typically); only tiles of at most
     ``tile_size`` pixels, ``batch_size`` at a time, go to the device, and the
@@ -146,7 +147,9 @@ def predict_probabilities(model, images: torch.Tensor, mean, std, tile_size=1024
     for k in range(0, len(jobs), max(1, batch_size)):
         chunk = jobs[k:k + max(1, batch_size)]
         batch = torch.stack([images[i, :, y:y + th, x:x + tw] for i, y, x, th, tw in chunk])
-        batch = normalize_image(batch.to(device, non_blocking=True), mean, std)
+        batch = batch.to(device, non_blocking=True)
+        if mean is not None:
+            batch = normalize_image(batch, mean, std)
         probs = _forward_probs(model, batch, amp_dtype, tta, channels_last)
         if acc is None:
             acc = torch.zeros(n, probs.shape[1], h, w, device=device)
@@ -154,6 +157,23 @@ def predict_probabilities(model, images: torch.Tensor, mean, std, tile_size=1024
             acc[i, :, y:y + th, x:x + tw] += p * window_weight(y, x, th, tw)
     acc /= weight_sum
     return acc, len(windows)
+
+
+def evaluation_logits(model, images, tile_size=0, tile_overlap=128, multiple=16, channels_last=False):
+    """What validation scores for a normalised batch ``[N, 3, H, W]``: the model's float32 ``out``.
+
+    Images larger than ``tile_size`` (HRF's 3504 x 2336) go through the tiled
+    inference of predict.py, so memory stays bounded and the evaluated mask is
+    predict.py's; their "logits" are the log of the blended probabilities,
+    which have the same argmax and softmax. Smaller images (or ``tile_size``
+    0) get one plain forward pass, as the tutorial's evaluation.
+    """
+    h, w = images.shape[-2:]
+    if tile_size <= 0 or len(tile_grid(h, w, tile_size, tile_overlap, multiple)[0]) == 1:
+        return model(images)["out"].float()
+    probs, _ = predict_probabilities(model, images, None, None, tile_size, tile_overlap, batch_size=1,
+                                     multiple=multiple, channels_last=channels_last)
+    return probs.clamp_min(torch.finfo(torch.float32).tiny).log()  # not in place: an inference-mode tensor
 
 
 # ---------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from . import distributed_utils as utils
 from .dice_coefficient_loss import build_target, dice_loss
 from .errors import UserError
+from .inference import evaluation_logits
+from .vessel_metrics import VesselMetrics
 
 
 def criterion(inputs, target, loss_weight=None, num_classes: int = 2, dice: bool = True, ignore_index: int = -100):
@@ -91,14 +93,18 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, num_classes,
 
 
 @torch.no_grad()
-def evaluate(model, data_loader, device, num_classes, channels_last=False, vessel_metrics=None, print_freq=100):
+def evaluate(model, data_loader, device, num_classes, channels_last=False, vessel_metrics=None, print_freq=100,
+             tile_size=0, multiple=16, per_image=None):
     """Validation: returns (reduced ``ConfusionMatrix``, dice as a float).
 
     Always float32, as the tutorial's, also when training uses ``--amp``: the
     dice, the AUC and the choice of ``best_model.pth`` must not depend on it.
     Metrics accumulate on the device (no per-image host sync) and are
     all-reduced once at the end. Pass a ``VesselMetrics`` as ``vessel_metrics``
-    to fill it too.
+    to fill it too. Images larger than ``tile_size`` are predicted in tiles
+    (``inference.evaluation_logits``). A list passed as ``per_image`` receives
+    one dict per image of this process, in loader order: its dice and its
+    vessel metrics.
     """
     model.eval()
     confmat = utils.ConfusionMatrix(num_classes)
@@ -106,11 +112,18 @@ def evaluate(model, data_loader, device, num_classes, channels_last=False, vesse
     metric_logger = utils.MetricLogger(delimiter="  ")
     for image, target in metric_logger.log_every(data_loader, print_freq, "Test:"):
         image, target = _to_device(image, target, device, channels_last)
-        output = model(image)["out"].float()
+        output = evaluation_logits(model, image, tile_size, multiple=multiple, channels_last=channels_last)
         confmat.update(target.flatten(), output.argmax(1).flatten())
         dice.update(output, target)
         if vessel_metrics is not None:
             vessel_metrics.update(output, target)
+        if per_image is not None:
+            for k in range(output.shape[0]):
+                one_dice = utils.DiceCoefficient(num_classes=num_classes, ignore_index=255)
+                one_dice.update(output[k:k + 1], target[k:k + 1])
+                one = VesselMetrics(ignore_index=255)
+                one.update(output[k:k + 1], target[k:k + 1])
+                per_image.append({"dice": one_dice.value.item(), **one.compute()})
     confmat.reduce_from_all_processes()
     dice.reduce_from_all_processes()
     if vessel_metrics is not None:

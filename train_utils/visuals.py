@@ -184,15 +184,16 @@ def preview_picture(pred, target, title=""):
 
 
 @torch.inference_mode()
-def predict_preview(model, dataset, index=0, device=None):
+def predict_preview(model, dataset, index=0, device=None, tile_size=0, multiple=16):
     """(predicted class map, target), both numpy ``[H, W]``, of ``dataset[index]`` with an inference copy of
-    ``model`` (BatchNorm folded, eval mode, float32), on ``device`` (default: the model's)."""
-    from .inference import inference_model
+    ``model`` (BatchNorm folded, eval mode, float32), on ``device`` (default: the model's), in tiles when
+    the image is larger than ``tile_size``, as validation predicts it."""
+    from .inference import evaluation_logits, inference_model
 
     image, target = dataset[index]
     device = device or next(model.parameters()).device
     net = inference_model(model, channels_last=False)
-    logits = net(image[None].to(device))["out"]
+    logits = evaluation_logits(net, image[None].to(device), tile_size, multiple=multiple)
     return logits.argmax(1)[0].cpu().numpy(), target.cpu().numpy()
 
 
@@ -295,7 +296,10 @@ class _RunVisuals:
         writer.flush()
 
     def write_preview(self, epoch, model, dataset, device):
-        pred, target = predict_preview(model, dataset, 0, device)
+        from .inference import size_multiple
+
+        pred, target = predict_preview(model, dataset, 0, device, getattr(self.args, "val_tile_size", 0),
+                                       size_multiple(getattr(self.args, "model", "unet")))
         name = os.path.basename(dataset.img_list[0]) if hasattr(dataset, "img_list") else "image 0"
         picture = preview_picture(pred, target, f"best model, epoch {epoch}: {name}, "
                                                 f"dice {image_dice(pred, target):.3f}")
