@@ -141,24 +141,40 @@ def _class_indices(im):
     raise ValueError(f"a label must be a class-index (grey) or palette image, not mode {im.mode}")
 
 
+def _grey_palette(im):
+    """Whether a palette image's used colours are all grey (a binary mask saved as GIF/PNG with a palette)."""
+    palette = np.array(im.getpalette() or [], dtype=np.int64).reshape(-1, 3)
+    used = np.unique(np.array(im))
+    used = used[used < len(palette)]
+    colours = palette[used]
+    return bool((colours[:, 0] == colours[:, 1]).all() and (colours[:, 1] == colours[:, 2]).all())
+
+
+def _label_values(im, num_classes):
+    """(values, are class indices): grey levels for a one-class label, as the tutorial reads DRIVE's GIFs;
+    class indices for more classes, and for colour-palette images (the VOC convention) always."""
+    if num_classes == 1 and not (im.mode == "P" and not _grey_palette(im)):
+        return np.array(im.convert("L")), False
+    return _class_indices(im), True
+
+
 def read_label(path, img_path, shape, num_classes=1):
     """A label file as uint8 class indices [H, W], 255 = ignored.
 
     One foreground class (``num_classes=1``): 0/255 images (also 0/1; grey
-    interpolated edges split at 128), or 0/1 with 255 ignored. More classes:
-    class-index or palette images holding 0..num_classes, and 255 for ignored pixels.
+    interpolated edges split at 128), or 0/1 with 255 ignored. More classes
+    (or a colour palette): class-index or palette images holding
+    0..num_classes, and 255 for ignored pixels.
     """
-    # One class: grey levels, as the tutorial reads DRIVE's GIFs (their palette indices mean nothing).
-    convert = (lambda im: np.array(im.convert("L"))) if num_classes == 1 else _class_indices
     try:
-        values = _decode(path, convert)
+        values, indices = _decode(path, lambda im: _label_values(im, num_classes))
     except UserError as e:
         if "a label must be" in str(e):
             raise UserError(f"label '{path}': {str(e).split(': ', 1)[1]}") from None
         raise
     _check_shape(values, path, img_path, shape)
     present = set(np.unique(values).tolist())
-    if num_classes == 1:
+    if num_classes == 1 and not indices:
         if 1 in present and present <= {0, 1, IGNORE_INDEX}:
             return values.astype(np.uint8)
         return binary_from_gray(values).astype(np.uint8)
@@ -212,8 +228,11 @@ def _need(path, kind, image):
 def drive_files(root, split):
     """Sorted (image, manual label, FOV mask) paths of one split; a clear error for anything missing."""
     data_root = os.path.join(root, "DRIVE", split)
+    if not os.path.isdir(os.path.join(root, "DRIVE")):
+        raise UserError(f"path '{os.path.join(root, 'DRIVE')}' does not exist: --data-path must name the folder "
+                        "that holds DRIVE/")
     if not os.path.isdir(data_root):
-        raise UserError(f"path '{data_root}' does not exist: --data-path must name the folder that holds DRIVE/")
+        return []  # a DRIVE root with one split only: the caller says whether that split is needed
     img_dir = os.path.join(data_root, "images")
     if not os.path.isdir(img_dir):
         raise UserError(f"folder '{img_dir}' does not exist")
@@ -407,7 +426,10 @@ class DriveDataset(VesselDataset):
 
     def __init__(self, root: str, train: bool, transforms=None, cache: bool = True):
         self.flag = SPLITS[bool(train)]
-        super().__init__(drive_files(root, self.flag), transforms=transforms, cache=cache)
+        samples = drive_files(root, self.flag)
+        if not samples:
+            raise UserError(f"path '{os.path.join(root, 'DRIVE', self.flag)}' does not exist")
+        super().__init__(samples, transforms=transforms, cache=cache)
 
 
 def cat_list(tensors, fill_value=0):

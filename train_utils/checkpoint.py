@@ -51,6 +51,13 @@ def model_kwargs(args: dict):
             "base_c": int(a["base_c"]), "bilinear": bool(a["bilinear"])}
 
 
+def _comparable(value):
+    """Lists of numbers as floats (mean/std: 1 == 1.0), lists of names as they are."""
+    if isinstance(value, (list, tuple)):
+        return [float(v) if isinstance(v, (int, float)) else v for v in value]
+    return value
+
+
 def adopt_checkpoint_args(args, saved: dict, path, explicit=(), keys=CARRIED_KEYS):
     """Set ``args``' settings ``keys`` (the model's: ``CARRIED_KEYS``) to those the checkpoint was trained with.
 
@@ -66,11 +73,7 @@ def adopt_checkpoint_args(args, saved: dict, path, explicit=(), keys=CARRIED_KEY
             value = MODEL_KEYS[key]
         else:
             continue  # e.g. mean/std in a tutorial checkpoint: the run's own (default) values stay
-        if isinstance(value, (list, tuple)):
-            value = [float(v) for v in value]
-        current = getattr(args, key, None)
-        if isinstance(current, (list, tuple)):
-            current = [float(v) for v in current]
+        value, current = _comparable(value), _comparable(getattr(args, key, None))
         if current == value:
             continue
         flag = "--" + key.replace("_", "-")
