@@ -42,7 +42,7 @@ def test_torchrun_two_processes_matches_single_process_eval(drive_root, tmp_path
     ddp_dice, ddp_block = metrics_of(r.stdout)
 
     single = run_script("train.py", "--data-path", drive_root, "--test-only", "--resume", out / "checkpoint.pth",
-                        *TINY_TRAIN)
+                        "--output-dir", tmp_path / "single", *TINY_TRAIN)
     assert single.returncode == 0, single.stderr
     one_dice, one_block = metrics_of(single.stdout)
     assert ddp_dice == one_dice and ddp_block == one_block
@@ -50,6 +50,14 @@ def test_torchrun_two_processes_matches_single_process_eval(drive_root, tmp_path
     # Vessel metrics agree as well.
     for key in ("sensitivity", "specificity", "auc"):
         assert re.findall(rf"{key}: ([\d.na]+)", r.stdout)[-1] == re.findall(rf"{key}: ([\d.na]+)", single.stdout)[-1]
+    # A distributed --test-only gathers every rank's per-image rows into the same test_metrics.csv.
+    r = run_script(TORCHRUN + ["--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train_multi_GPU.py")],
+                   "--data-path", drive_root, "--test-only", "--resume", out / "checkpoint.pth",
+                   "--output-dir", tmp_path / "ddp_eval", *TINY_TRAIN)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    csv_text = (tmp_path / "single" / "test_metrics.csv").read_text()
+    assert csv_text.count("\n") == 5  # header, 3 images, pooled
+    assert (tmp_path / "ddp_eval" / "test_metrics.csv").read_text() == csv_text
 
 
 def test_two_nodes_over_loopback(drive_root, tmp_path):

@@ -63,7 +63,7 @@ def trained(drive_root, tmp_path_factory):
 def test_test_only_takes_the_model_from_the_checkpoint(drive_root, trained):
     """``--test-only --resume`` with none of the training's model flags reproduces its validation exactly."""
     r = run_script("train.py", "--data-path", drive_root, "--test-only", "--resume", trained / "checkpoint.pth",
-                   *without(TINY_TRAIN, "--base-c"))
+                   "--output-dir", trained / "eval", *without(TINY_TRAIN, "--base-c"))
     assert r.returncode == 0, r.stderr
     assert "base_c 4" in r.stdout and "mean [0.6, 0.3, 0.2]" in r.stdout  # it says what it took
     log = last_log(trained)
@@ -89,7 +89,7 @@ def test_resume_takes_the_model_from_the_checkpoint(drive_root, trained, tmp_pat
 ])
 def test_explicit_flag_that_contradicts_the_checkpoint_is_an_error(drive_root, trained, flags, message):
     argv = ["--data-path", drive_root, "--test-only", "--resume", trained / "checkpoint.pth",
-            *without(TINY_TRAIN, "--base-c"), *flags]
+            "--output-dir", trained / "eval", *without(TINY_TRAIN, "--base-c"), *flags]
     with pytest.raises(UserError, match=message):
         train.main(parse(*argv))
     r = run_script("train.py", *argv)
@@ -155,7 +155,8 @@ def test_predict_runs_a_tutorial_checkpoint(drive_root, tutorial_ckpt, tmp_path)
 def test_test_only_and_resume_take_a_tutorial_checkpoint(drive_root, tutorial_ckpt, tmp_path):
     path, _ = tutorial_ckpt
     flags = without(TINY_TRAIN, "--base-c")
-    r = run_script("train.py", "--data-path", drive_root, "--test-only", "--resume", path, *flags)
+    r = run_script("train.py", "--data-path", drive_root, "--test-only", "--resume", path, "--output-dir",
+                   tmp_path / "eval", *flags)
     assert r.returncode == 0, r.stderr
     assert "dice coefficient:" in r.stdout and "base_c=32" in r.stdout
     out = tmp_path / "continued"
@@ -183,7 +184,7 @@ def test_amp_does_not_change_validation(drive_root, tmp_path):
     r = run_script("train.py", "--data-path", drive_root, "--output-dir", out, "--epochs", 1, "--amp", *TINY_TRAIN)
     assert r.returncode == 0, r.stderr
     r = run_script("train.py", "--data-path", drive_root, "--test-only", "--resume", out / "checkpoint.pth",
-                   *TINY_TRAIN)
+                   "--output-dir", out, *TINY_TRAIN)
     assert r.returncode == 0, r.stderr
     log = last_log(out)
     assert printed(r.stdout, "auc") == round(log["auc"], 4)

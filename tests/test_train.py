@@ -52,7 +52,7 @@ def test_train_resume_and_test_only(drive_root, tmp_path):
 
     # --test-only on the last checkpoint reproduces the last validation.
     r = run_script("train.py", "--data-path", drive_root, "--test-only", "--resume", out / "checkpoint.pth",
-                   *TINY_TRAIN)
+                   "--output-dir", out, *TINY_TRAIN)
     assert r.returncode == 0, r.stderr
     assert f"dice coefficient: {log[-1]['dice']:.3f}" in r.stdout
     assert f"global correct: {log[-1]['global_correct']:.1f}" in r.stdout
