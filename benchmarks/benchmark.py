@@ -320,8 +320,8 @@ def plot_recipes(runs, target, path):
     ax.axhline(target, color="grey", ls="--", lw=1)
     ax.text(0, target + 0.005, f"dice {target:.2f}", color="grey", fontsize=8)
     ax.axvline(budget, color="grey", ls=":", lw=1)
-    ax.text(budget, 0.02, f" {runs['tutorial']['points'][-1]['epoch'] + 1} tutorial epochs", color="grey",
-            fontsize=8, rotation=90, va="bottom")
+    ax.text(budget, 0.98, f"{runs['tutorial']['points'][-1]['epoch'] + 1} tutorial epochs ", color="grey",
+            fontsize=8, rotation=90, va="top", ha="right")
     ax.set_xlabel("wall time (s): training + validation")
     ax.set_ylabel("validation dice")
     ax.set_ylim(0, 1)
