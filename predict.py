@@ -70,8 +70,9 @@ def get_args_parser(add_help=True):
                         help="also write <stem>_overlay.png: the prediction drawn over the photograph")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     parser.add_argument("--amp", action="store_true", help="mixed precision: float16 on CUDA, bfloat16 on the CPU")
-    parser.add_argument("--tta", action="store_true",
-                        help="test-time augmentation: average the softmax over horizontal and vertical flips")
+    parser.add_argument("--tta", default=None, action=argparse.BooleanOptionalAction,
+                        help="test-time augmentation: average the softmax over horizontal and vertical flips "
+                             "(default: as the checkpoint's training validated, i.e. on for --recipe fast)")
     parser.add_argument("-b", "--batch-size", default=1, type=int,
                         help="tiles (or same-size whole images) per forward pass")
     parser.add_argument("--tile-size", default=1024, type=int,
@@ -235,6 +236,8 @@ def main(args):
     else:
         device = resolve_device(args.device)
         model, saved, kwargs = load_model(args.weights, device, args.channels_last)
+    if args.tta is None:  # a recipe that validated with flip averaging is meant to be used with it
+        args.tta = bool(saved.get("eval_tta", False))
     mean = saved.get("mean") or list(DRIVE_MEAN)
     std = saved.get("std") or list(DRIVE_STD)
     amp_dtype = autocast_dtype(device, args.amp)

@@ -6,6 +6,7 @@
     python train.py --dataset chase_db1 --data-path CHASEDB1 --val-split 4      # validate on 4 held-out images
     python train.py --data-path /data --resume save_weights/checkpoint.pth   # continue
     python train.py --data-path /data --test-only --resume save_weights/best_model.pth
+    python train.py --data-path /data --recipe fast          # shorter run: base_c 16, AdamW, small crops
 """
 import argparse
 import csv
@@ -30,11 +31,12 @@ import src
 from my_dataset import DATASETS, FOV_MODES, VesselDataset, dataset_files, ensure_synthetic_drive, holdout
 from train_utils import distributed_utils as utils
 from train_utils import visuals
-from train_utils.checkpoint import (CARRIED_KEYS, adopt_checkpoint_args, load_checkpoint, plain_args, resume,
-                                    safe_load, save_epoch)
+from train_utils.checkpoint import (CARRIED_KEYS, adopt_checkpoint_args, adopt_run_settings, load_checkpoint,
+                                    plain_args, resume, safe_load, save_epoch)
 from train_utils.errors import UserError, run_cli
 from train_utils.files import atomic_write, ensure_writable_folder
 from train_utils.inference import inference_model, size_multiple
+from train_utils.recipes import RECIPES, FlipAverage, RepeatDataset, build_optimizer
 from train_utils.train_and_eval import autocast_dtype, create_lr_scheduler, evaluate, train_one_epoch
 from train_utils.transforms import BASE_SIZE, CROP_SIZE, DATASET_MEAN_STD, DRIVE_MEAN, DRIVE_STD, get_transform
 from train_utils.vessel_metrics import VesselMetrics, format_metrics
@@ -109,6 +111,24 @@ def get_args_parser(add_help=True):
     parser.add_argument("--test-only", action="store_true", help="only evaluate (the weights of --resume)")
     parser.add_argument("--demo", action="store_true",
                         help="write a small synthetic DRIVE-format sample (if absent) and train on it on the CPU")
+    # Recipes (train_utils/recipes.py): --recipe sets defaults for the flags below and some above.
+    parser.add_argument("--recipe", default="tutorial", choices=sorted(RECIPES),
+                        help="tutorial: the tutorial's run; fast: base_c 16, AdamW + cosine, 4 crops of 256 per "
+                             "image, rotation and colour jitter, flip-averaged validation every 5 epochs "
+                             "(explicit flags win; with --demo, the demo's sizes win)")
+    parser.add_argument("--opt", default="sgd", choices=["sgd", "adamw"], help="optimiser (sgd uses --momentum)")
+    parser.add_argument("--lr-schedule", default="poly", choices=["poly", "cosine"],
+                        help="per-step decay after the 1-epoch warm-up: (1 - progress) ** 0.9 or cosine to 0")
+    parser.add_argument("--crops-per-image", default=1, type=int, metavar="N",
+                        help="random crops of every training image per epoch")
+    parser.add_argument("--rotate", default=0.0, type=float, metavar="DEG",
+                        help="random rotation in [-DEG, DEG] degrees (0: none)")
+    parser.add_argument("--color-jitter", default=0.0, type=float, metavar="S",
+                        help="random brightness and contrast in [1-S, 1+S], gamma in [exp(-S), exp(S)] (0: none)")
+    parser.add_argument("--eval-tta", default=False, action=argparse.BooleanOptionalAction,
+                        help="validate on the softmax averaged over the image and its two flips")
+    parser.add_argument("--eval-every", default=1, type=int, metavar="N",
+                        help="validate every N epochs (and always after the last one)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     # Pictures and TensorBoard (train_utils/visuals.py)
     parser.add_argument("--plots", default=True, action=argparse.BooleanOptionalAction,
@@ -121,12 +141,18 @@ def get_args_parser(add_help=True):
 
 
 def parse_args(parser, argv=None):
-    """Parse, with ``--demo`` changing the defaults (explicit flags still win).
+    """Parse, with ``--recipe`` and ``--demo`` changing the defaults (explicit flags still win).
+
+    Precedence: typed flags, then ``--demo``'s defaults, then the recipe's: the
+    demo's sample is 128 px wide, so its sizes (crop, base size, epochs, width,
+    batch) must win, while the recipe still picks the optimiser, schedule,
+    augmentation and evaluation.
 
     ``args.explicit_flags`` names the settings typed on the command line: those
     may not silently give way to a checkpoint's.
     """
     pre, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**RECIPES[pre.recipe])
     if pre.demo:
         parser.set_defaults(**DEMO_DEFAULTS)
     args = parser.parse_args(argv)
@@ -165,7 +191,8 @@ def load_backbone_file(model, path):
 
 def check_args(args):
     """Reject impossible settings before any work starts."""
-    for name in ("num_classes", "batch_size", "epochs", "crop_size", "base_size", "base_c", "print_freq"):
+    for name in ("num_classes", "batch_size", "epochs", "crop_size", "base_size", "base_c", "print_freq",
+                 "crops_per_image", "eval_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     if args.workers is not None and args.workers < 0:
@@ -176,6 +203,10 @@ def check_args(args):
         raise UserError("--std values must be positive")
     if args.val_split < 0 or args.val_tile_size < 0:
         raise UserError("--val-split and --val-tile-size must be >= 0")
+    if not 0 <= args.rotate <= 180:
+        raise UserError(f"--rotate must be in [0, 180] degrees (got {args.rotate})")
+    if not 0 <= args.color_jitter < 1:
+        raise UserError(f"--color-jitter must be in [0, 1) (got {args.color_jitter})")
 
 
 def prepare_output_dir(path):
@@ -252,7 +283,8 @@ def build_datasets(args):
     train_dataset = VesselDataset(train, **kw)
     default_sizes(args, train_dataset)
     train_dataset.transforms = get_transform(True, args.mean, args.std, base_size=args.base_size,
-                                             crop_size=args.crop_size)
+                                             crop_size=args.crop_size, rotate=args.rotate,
+                                             color_jitter=args.color_jitter)
     return train_dataset, VesselDataset(val, eval_tf, **kw)
 
 
@@ -285,6 +317,8 @@ def build_data_loaders(args, device):
     if train_dataset is None:
         return None, val_loader
 
+    if args.crops_per_image > 1:
+        train_dataset = RepeatDataset(train_dataset, args.crops_per_image)
     if args.batch_size > len(train_dataset) // args.world_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_dataset)} training images"
                         + (f" split over {args.world_size} processes" if args.distributed else ""))
@@ -313,6 +347,7 @@ def main(args):
     if checkpoint is not None:  # the checkpoint's model, class count and normalisation
         adopt_checkpoint_args(args, checkpoint["args"], args.resume, getattr(args, "explicit_flags", ()),
                               keys=CARRIED_KEYS if args.test_only else CARRIED_KEYS + RESUMED_KEYS)
+        adopt_run_settings(args, checkpoint["args"], args.resume, getattr(args, "explicit_flags", ()))
     set_default_normalisation(args)
     print(argparse.Namespace(**plain_args(args)))
     seed_and_tune(args, device)
@@ -334,7 +369,8 @@ def main(args):
         print(f"loaded '{args.resume}' (epoch {checkpoint.get('epoch', '?')})")
         rows = []
         _, dice, vessel = report_validation(model, val_loader, device, num_classes, args.channels_last,
-                                            args.val_tile_size, size_multiple(args.model), per_image=rows)
+                                            args.eval_tta, args.val_tile_size, size_multiple(args.model),
+                                            per_image=rows)
         rows = gather_image_rows(val_loader, rows)
         if utils.is_main_process():
             path = write_test_metrics(args.output_dir, rows, dice, vessel)
@@ -346,9 +382,9 @@ def main(args):
         model = model.to(memory_format=torch.channels_last)
     train_model = wrap_for_training(model, args, device)  # DDP and/or torch.compile around the same module
     params_to_optimize = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params_to_optimize, lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    lr_scheduler = create_lr_scheduler(optimizer, len(train_loader), args.epochs, warmup=True)
+    optimizer = build_optimizer(params_to_optimize, args.opt, args.lr, args.momentum, args.weight_decay)
+    lr_scheduler = create_lr_scheduler(optimizer, len(train_loader), args.epochs, warmup=True,
+                                       schedule=args.lr_schedule)
     amp_dtype = autocast_dtype(device, args.amp, args.amp_dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -371,19 +407,25 @@ def main(args):
                                         lr_scheduler=lr_scheduler, print_freq=args.print_freq, scaler=scaler,
                                         amp_dtype=amp_dtype, channels_last=train_channels_last)
         utils.broadcast_buffers(model)  # every process validates and saves rank 0's BatchNorm statistics
-        confmat, dice, vessel = report_validation(model, val_loader, device, num_classes, args.channels_last,
-                                                  args.val_tile_size, size_multiple(args.model))
-
-        is_best = dice > best_dice
-        best_dice = max(best_dice, dice)
+        # --eval-every N: validation of full images costs as much as several training steps; the last
+        # epoch is always validated, so the log ends with the final model's dice.
+        validate = (epoch + 1) % args.eval_every == 0 or epoch == last_epoch - 1
+        is_best = False
+        if validate:
+            confmat, dice, vessel = report_validation(model, val_loader, device, num_classes, args.channels_last,
+                                                      args.eval_tta, args.val_tile_size, size_multiple(args.model))
+            is_best = dice > best_dice
+            best_dice = max(best_dice, dice)
         record = None
-        if utils.is_main_process():
+        if validate and utils.is_main_process():
+            now = time.time()
             record = log_epoch(args.output_dir, results_file, epoch, mean_loss, lr, dice, confmat, vessel,
-                               time.time() - epoch_start)
+                               now - epoch_start, elapsed=now - start_time)
         save_epoch(args.output_dir, model, optimizer, lr_scheduler, scaler, epoch, best_dice, is_best, args)
 
         # Pictures and TensorBoard (train_utils/visuals.py): main process only, never stops training.
-        visuals.after_epoch(args, record)
+        if validate:
+            visuals.after_epoch(args, record)
         if is_best:
             visuals.after_best(args, epoch, model, val_loader.dataset, device)
 
@@ -427,13 +469,20 @@ def wrap_for_training(model, args, device):
     return torch.compile(model) if args.compile else model
 
 
-def log_epoch(output_dir, results_file, epoch, mean_loss, lr, dice, confmat, vessel, epoch_time):
-    """The tutorial's results block for the epoch, and one JSON line in ``log.jsonl``; returns that record."""
+def log_epoch(output_dir, results_file, epoch, mean_loss, lr, dice, confmat, vessel, epoch_time, elapsed=None):
+    """The tutorial's results block for the epoch, and one JSON line in ``log.jsonl``; returns that record.
+
+    ``epoch_time`` is this epoch's training and validation; ``elapsed`` the seconds since this
+    process's first epoch began (training, validation and checkpoints of every epoch since, also
+    those not validated under ``--eval-every``).
+    """
     with open(results_file, "a") as f:
         f.write(f"[epoch: {epoch}]\ntrain_loss: {mean_loss:.4f}\nlr: {lr:.6f}\n"
                 f"dice coefficient: {dice:.3f}\n{confmat}\n{format_metrics(vessel)}\n\n")
     record = {"epoch": epoch, "train_loss": mean_loss, "lr": lr, "dice": dice,
               **confmat.summary(), **vessel, "epoch_time": epoch_time}
+    if elapsed is not None:
+        record["elapsed"] = elapsed
     with open(os.path.join(output_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
     return record
@@ -450,21 +499,26 @@ def json_safe(value):
     return value
 
 
-def report_validation(model, val_loader, device, num_classes, channels_last=None, tile_size=0, multiple=16,
-                      per_image=None):
+def report_validation(model, val_loader, device, num_classes, channels_last=None, tta=False, tile_size=0,
+                      multiple=16, per_image=None):
     """Evaluate and print the tutorial's block, ``dice coefficient: x`` and the vessel metrics.
 
     Validation runs in float32 whatever ``--amp`` says (as the tutorial's), on a
     copy of ``model`` with BatchNorm folded into the convolutions, in channels_last
     unless ``channels_last`` is False; images larger than ``tile_size`` in tiles.
     Returns (confusion matrix, dice, vessel metrics as a dict): the AUC sorts
-    every validation pixel, so it is computed once here. ``per_image``: see ``evaluate``.
+    every validation pixel, so it is computed once here. With ``tta`` every
+    metric scores the softmax averaged over the image and its two flips
+    (``--eval-tta``). ``per_image``: see ``evaluate``.
     """
     channels_last = channels_last is not False
     vessel = VesselMetrics(ignore_index=255)
-    confmat, dice = evaluate(inference_model(model, channels_last), val_loader, device=device,
-                             num_classes=num_classes, channels_last=channels_last, vessel_metrics=vessel,
-                             tile_size=tile_size, multiple=multiple, per_image=per_image)
+    eval_model = inference_model(model, channels_last)
+    if tta:
+        eval_model = FlipAverage(eval_model, channels_last)
+    confmat, dice = evaluate(eval_model, val_loader, device=device, num_classes=num_classes,
+                             channels_last=channels_last, vessel_metrics=vessel, tile_size=tile_size,
+                             multiple=multiple, per_image=per_image)
     vessel_values = vessel.compute()
     print(confmat)
     print(f"dice coefficient: {dice:.3f}")

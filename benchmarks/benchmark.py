@@ -1,4 +1,5 @@
-"""Side-by-side speed and memory of the tutorial's training run (a) and this project's train.py (b), as users run them.
+"""Side-by-side speed and memory of the tutorial's training run (a) and this project's train.py (b), as users run them;
+and the dice against wall time of the two recipes (``--mode recipes``).
 
     python benchmarks/benchmark.py                             # epochs on synthetic DRIVE-sized data (~10 min, 2 cores)
     python benchmarks/benchmark.py --rounds 1 --images 4 --val-images 2       # a quicker look
@@ -6,6 +7,7 @@
     python benchmarks/benchmark.py --configs a b b-glibc       # also train.py with glibc's malloc
     python benchmarks/benchmark.py --device cuda --b-args="--amp"            # on a GPU, (b) with AMP
     python benchmarks/benchmark.py --mode allocators           # one training step under each memory allocator
+    python benchmarks/benchmark.py --mode recipes --data-path ROOT --plot docs/recipes.png   # --recipe fast vs tutorial
 
 ``--mode epoch`` runs whole processes, one configuration at a time, each as
 a user would start it: (a) is ``benchmarks/reference.py``, the tutorial's
@@ -24,6 +26,15 @@ largest resident set of any process of the longer run (its ``ru_maxrss``).
 ``--mode allocators`` times one training step of the tutorial's model
 (batch 4, crop 480, base_c 32) in a fresh process per allocator: step time,
 system time, minor page faults and peak memory.
+
+``--mode recipes`` runs ``train.py --recipe tutorial --epochs 25`` and then
+``train.py --recipe fast`` (same data, seed 0, one after the other, never
+together: they share the cores), reads each run's ``log.jsonl`` and draws
+the validation dice against the run's cumulative wall time (training,
+validation and checkpoints; ``elapsed`` in the log, start-up excluded), with
+the dice target and the time of the tutorial's 25 epochs marked. It prints a
+markdown table (final dice and AUC of the last epoch's model, time to reach
+the target) and writes it with every point to ``--json``.
 
 This is a benchmark, not a test: it prints numbers and ratios.
 """
@@ -48,7 +59,7 @@ from train_utils.allocator import find_mimalloc, find_tcmalloc  # noqa: E402
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="epoch", choices=["epoch", "allocators"])
+    parser.add_argument("--mode", default="epoch", choices=["epoch", "allocators", "recipes"])
     parser.add_argument("--data-path", default=None,
                         help="folder that holds DRIVE/ (default: synthetic 584x565 images in a temp folder)")
     parser.add_argument("--configs", nargs="+", default=["a", "b"],
@@ -65,6 +76,14 @@ def get_args_parser():
     parser.add_argument("--base-c", default=32, type=int)
     parser.add_argument("-b", "--batch-size", default=4, type=int)
     parser.add_argument("--json", default=None, metavar="OUT", help="write every sample here")
+    parser.add_argument("--plot", default="recipes.png", help="--mode recipes: the picture (PNG) to write")
+    parser.add_argument("--target", default=0.80, type=float, help="--mode recipes: the dice target line")
+    parser.add_argument("--tutorial-epochs", default=25, type=int, help="--mode recipes: the tutorial run's epochs")
+    parser.add_argument("--train-args", default="",
+                        help="--mode recipes: extra train.py flags for both runs (they override both recipes)")
+    parser.add_argument("--fast-args", default="", help="--mode recipes: extra train.py flags for the fast run")
+    parser.add_argument("--image-size", default=[584, 565], type=int, nargs=2, metavar=("H", "W"),
+                        help=argparse.SUPPRESS)  # synthetic image size; the tests make it tiny
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -216,22 +235,135 @@ def run_allocators(args):
 
 
 # ---------------------------------------------------------------------------
+# --mode recipes
+
+
+def recipe_command(recipe, args, root, out_dir):
+    argv = [sys.executable, os.path.join(ROOT, "train.py"), "--data-path", root, "--recipe", recipe,
+            "--device", args.device, "--output-dir", out_dir, "--seed", "0", "--no-plots", "--print-freq", "1000"]
+    if recipe == "tutorial":
+        argv += ["--epochs", str(args.tutorial_epochs)]
+    argv += args.train_args.split()
+    if recipe == "fast":
+        argv += args.fast_args.split()
+    return argv
+
+
+def read_curve(log_path):
+    """(validated epoch, cumulative seconds, dice, auc) per line of a ``log.jsonl``. Cumulative time is the
+    log's ``elapsed`` (every epoch's training, validation and checkpoints, also epochs not validated)."""
+    points, total = [], 0.0
+    with open(log_path) as f:
+        for line in f:
+            rec = json.loads(line)
+            total += rec["epoch_time"]
+            points.append({"epoch": rec["epoch"], "seconds": rec.get("elapsed", total), "dice": rec["dice"],
+                           "auc": rec.get("auc")})
+    return points
+
+
+def run_recipes(args, root):
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for recipe in ("tutorial", "fast"):
+            out_dir = os.path.join(tmp, recipe)
+            argv = recipe_command(recipe, args, root, out_dir)
+            print("$ " + " ".join(argv[1:]), flush=True)
+            wall, peak, _ = run_measured(argv, clean_env())
+            points = read_curve(os.path.join(out_dir, "log.jsonl"))
+            runs[recipe] = {"argv": argv[1:], "process_s": wall, "peak_mb": peak, "points": points}
+            last = points[-1]
+            print(f"{recipe}: {last['epoch'] + 1} epochs, final dice {last['dice']:.4f} in {last['seconds']:.1f} s "
+                  f"(process {wall:.1f} s)", flush=True)
+    return runs
+
+
+def recipes_table(runs, target):
+    budget = runs["tutorial"]["points"][-1]["seconds"]
+    rows = []
+    for recipe, run in runs.items():
+        pts = run["points"]
+        last = pts[-1]
+        reached = next((p for p in pts if p["dice"] >= target), None)
+        rows.append({"recipe": recipe, "epochs": last["epoch"] + 1, "validations": len(pts),
+                     "final_dice": last["dice"], "final_auc": last["auc"], "best_dice": max(p["dice"] for p in pts),
+                     "seconds": last["seconds"], "s_per_epoch": last["seconds"] / (last["epoch"] + 1),
+                     "share_of_tutorial_time": last["seconds"] / budget,
+                     "seconds_to_target": reached["seconds"] if reached else None,
+                     "process_s": run["process_s"], "peak_mb": run["peak_mb"]})
+    return rows
+
+
+def print_recipes_table(rows, target):
+    print(f"\n| recipe | epochs | final dice | final AUC | best dice (validations) | wall s (train + val) | s / epoch "
+          f"| time vs tutorial | s to dice {target:.2f} |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        auc = "-" if r["final_auc"] is None else f"{r['final_auc']:.4f}"
+        to_target = "not reached" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.0f}"
+        print(f"| {r['recipe']} | {r['epochs']} | {r['final_dice']:.4f} | {auc} | {r['best_dice']:.4f} "
+              f"({r['validations']}) | {r['seconds']:.0f} | {r['s_per_epoch']:.1f} | "
+              f"{r['share_of_tutorial_time']:.2f}x | {to_target} |")
+
+
+def plot_recipes(runs, target, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for recipe, style in (("tutorial", "o-"), ("fast", "s-")):
+        pts = runs[recipe]["points"]
+        ax.plot([p["seconds"] for p in pts], [p["dice"] for p in pts], style, ms=3,
+                label=f"--recipe {recipe} ({pts[-1]['epoch'] + 1} epochs)")
+    budget = runs["tutorial"]["points"][-1]["seconds"]
+    ax.axhline(target, color="grey", ls="--", lw=1)
+    ax.text(0, target + 0.005, f"dice {target:.2f}", color="grey", fontsize=8)
+    ax.axvline(budget, color="grey", ls=":", lw=1)
+    ax.text(budget, 0.98, f"{runs['tutorial']['points'][-1]['epoch'] + 1} tutorial epochs ", color="grey",
+            fontsize=8, rotation=90, va="top", ha="right")
+    ax.set_xlabel("wall time (s): training + validation")
+    ax.set_ylabel("validation dice")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------
 
 
 def main():
     args = get_args_parser().parse_args()
     if args.child:
         return step_child(args)
-    if args.rounds < 1 or args.epochs < 2 or args.steps < 1:
-        sys.exit("error: --rounds and --steps must be at least 1, --epochs at least 2")
+    if args.rounds < 1 or args.epochs < 2 or args.steps < 1 or args.tutorial_epochs < 1:
+        sys.exit("error: --rounds, --steps and --tutorial-epochs must be at least 1, --epochs at least 2")
     unknown = set(args.configs) - {"a", "b", "b-glibc", "b-mimalloc", "b-tcmalloc"}
     if unknown:
         sys.exit(f"error: unknown --configs {sorted(unknown)}")
+    sizes = "" if args.mode == "recipes" else f", batch {args.batch_size}, crop {args.crop_size}, base_c {args.base_c}"
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}, "
-          f"mode {args.mode}, device {args.device}, batch {args.batch_size}, crop {args.crop_size}, "
-          f"base_c {args.base_c}", flush=True)
+          f"mode {args.mode}, device {args.device}{sizes}", flush=True)
     if args.mode == "allocators":
         samples = run_allocators(args)
+    elif args.mode == "recipes":
+        with tempfile.TemporaryDirectory() as tmp:
+            root = args.data_path
+            if root is None:
+                from my_dataset import write_synthetic_drive
+                h, w = args.image_size
+                root = write_synthetic_drive(tmp, num_train=args.images, num_test=args.val_images, height=h,
+                                             width=w, seed=0)
+            runs = run_recipes(args, root)
+        rows = recipes_table(runs, args.target)
+        print_recipes_table(rows, args.target)
+        plot_recipes(runs, args.target, args.plot)
+        samples = {"table": rows, "runs": runs}
     else:
         with tempfile.TemporaryDirectory() as tmp:
             root = args.data_path

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from torchvision import tv_tensors
 
 from train_utils.transforms import DRIVE_MEAN, DRIVE_STD, SegmentationPresetTrain
 
@@ -78,3 +79,75 @@ def test_train_preset_keeps_labels_on_their_lines(vertical):
     assert bias < 0.1, f"labels sit {bias:.3f} px off their image lines on average"
     # No single scale is biased by more than nearest-neighbour sampling allows (a quarter pixel).
     assert max(abs(m) for m in means) < 0.3, [round(m, 3) for m in means]
+
+
+def mismatch(white, target, dy=0, dx=0):
+    """Share of labelled pixels (not 255) where ``white`` disagrees with the label moved by (dy, dx) pixels."""
+    t = torch.roll(target, shifts=(dy, dx), dims=(0, 1))
+    valid = (t != 255) & (target != 255)
+    return float((white != (t == 1))[valid].float().mean())
+
+
+def block_images(size=160, block=8, seed=0):
+    """Random 8-px blocks, white in the image where the label is 1: after any geometry they must still agree."""
+    g = torch.Generator().manual_seed(seed)
+    cells = (torch.rand(size // block, size // block, generator=g) < 0.4).to(torch.uint8)
+    target = cells.repeat_interleave(block, 0).repeat_interleave(block, 1)
+    img = (target * 255).expand(3, size, size).contiguous()
+    return img, target
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rotation_keeps_labels_on_the_image_and_ignores_what_came_from_outside(seed):
+    """--rotate: the mask (nearest) agrees with the thresholded image (bilinear) except on block edges, far less
+    than a mask one pixel off would; pixels rotated in from outside are 255 in the mask and 0 in the image."""
+    from train_utils.transforms import RandomRotate
+
+    img, target = block_images(seed=seed)
+    torch.manual_seed(seed)
+    out_img, out_t = RandomRotate(180)(tv_tensors.Image(img), tv_tensors.Mask(target))
+    assert out_img.shape == img.shape and out_t.shape == target.shape
+    inside = out_t != 255
+    assert set(out_t.unique().tolist()) <= {0, 1, 255}
+    assert 0 < (~inside).float().mean() < 0.5  # some corners came from outside (any angle but 0, 90, 180)
+    assert out_img[:, ~inside].max() <= 127  # from outside: black, at most blended with an edge pixel
+    assert out_t[0, 0] == 255 or out_t[0, -1] == 255 or out_t[-1, 0] == 255 or out_t[-1, -1] == 255
+    white = out_img[0] > 127
+    disagree = (white != (out_t == 1))[inside].float().mean()
+    shifted = (white[:, 1:] != (out_t[:, :-1] == 1))[inside[:, :-1] & inside[:, 1:]].float().mean()
+    assert disagree < 0.01, float(disagree)
+    assert shifted > 3 * disagree and shifted > 0.02, (float(disagree), float(shifted))
+
+
+def test_train_preset_with_rotation_and_colour_keeps_labels_and_ignore():
+    """The whole preset with --rotate (and resize, flips, crop): the label agrees with the image except on
+    block edges; with --color-jitter too, the mask keeps its classes and an ignored FOV border stays 255."""
+    from train_utils.transforms import RandomPhotometric
+
+    img, target = block_images(size=160)
+    target = target.clone()
+    target[:, :20] = 255  # an ignored band, like the border outside the FOV
+    img[:, :, :20] = 0
+    geometry = SegmentationPresetTrain(base_size=160, crop_size=96, rotate=90)
+    full = SegmentationPresetTrain(base_size=160, crop_size=96, rotate=90, color_jitter=0.3)
+    labels, counts = set(), []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out_img, out_t = geometry(img, target)
+        white = out_img[0] * DRIVE_STD[0] + DRIVE_MEAN[0] > 0.5
+        # Resizing to half and rotating blur the 8-px blocks, so their edges disagree a little; a label
+        # one pixel off in any direction would disagree at least twice as often.
+        assert mismatch(white, out_t) < 0.5 * min(mismatch(white, out_t, dy, dx)
+                                                   for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)))
+        torch.manual_seed(seed)
+        out_img, out_t = full(img, target)
+        assert out_img.shape == (3, 96, 96) and out_t.shape == (96, 96) and out_t.dtype == torch.int64
+        labels |= set(out_t.unique().tolist())
+        counts.append(int((out_t == 255).sum()))
+    assert labels == {0, 1, 255} and max(counts) > 0
+
+    # The photometric step alone: the mask is the same object's values, the image changed.
+    torch.manual_seed(1)
+    new_img, new_t = RandomPhotometric(0.3)(tv_tensors.Image(img), tv_tensors.Mask(target))
+    assert torch.equal(new_t, target) and not torch.equal(new_img, img)
+    assert new_img.dtype == torch.uint8

@@ -399,3 +399,26 @@ def test_multiclass_folder_dataset_end_to_end(layouts, tmp_path):
     assert r.returncode != 0
     assert re.fullmatch(r"error: label '.*sample001.png' holds class 2, but --num-classes 1 allows 0..1 "
                         r"\(and 255 for ignored pixels\)", r.stderr.strip())
+
+
+def test_default_sizes_are_the_tutorials_for_drive_and_the_images_elsewhere():
+    import argparse
+
+    import train
+
+    class Sized:
+        def __init__(self, sizes):
+            self.sizes = sizes
+
+        def image_sizes(self):
+            return self.sizes
+
+    for dataset, sizes, expected in (("drive", [(584, 565)], (565, 480)),
+                                     ("chase_db1", [(960, 999)] * 3, (960, 480)),
+                                     ("folder", [(100, 120), (90, 300), (200, 80)], (90, 90))):
+        args = argparse.Namespace(dataset=dataset, base_size=None, crop_size=None)
+        train.default_sizes(args, Sized(sizes))
+        assert (args.base_size, args.crop_size) == expected, dataset
+    typed = argparse.Namespace(dataset="stare", base_size=300, crop_size=128)
+    train.default_sizes(typed, Sized([(605, 700)]))
+    assert (typed.base_size, typed.crop_size) == (300, 128)

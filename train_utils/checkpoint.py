@@ -20,6 +20,7 @@ import src
 from . import distributed_utils as utils
 from .errors import UserError
 from .files import atomic_write
+from .recipes import RUN_KEYS
 
 # What a checkpoint's ``args`` must hold to rebuild its model, with the value assumed when absent
 # (the tutorial saved no model name or width: its model is the bilinear U-Net with base_c=32).
@@ -83,6 +84,25 @@ def adopt_checkpoint_args(args, saved: dict, path, explicit=(), keys=CARRIED_KEY
                             f"{value}; leave {flag} out to use the checkpoint's")
         setattr(args, key, value)
         adopted.append(f"{key} {value}")
+    if adopted:
+        print(f"from checkpoint '{path}': " + ", ".join(adopted))
+
+
+def adopt_run_settings(args, saved: dict, path, explicit=()):
+    """Take the recipe's settings (``recipes.RUN_KEYS``: recipe, optimiser, schedule, crops, augmentation,
+    evaluation) from the checkpoint unless typed on the command line.
+
+    A ``--recipe fast`` run then resumes as one (an AdamW state never meets an
+    SGD optimiser) and ``--test-only`` scores it as its training validated it,
+    with flip averaging. Unlike the model's settings, a typed flag may differ
+    (e.g. ``--no-eval-tta`` to score without flips). Checkpoints written before
+    recipes existed carry none of these and change nothing.
+    """
+    adopted = []
+    for key in RUN_KEYS:
+        if key in saved and key not in explicit and hasattr(args, key) and getattr(args, key) != saved[key]:
+            setattr(args, key, saved[key])
+            adopted.append(f"{key} {saved[key]}")
     if adopted:
         print(f"from checkpoint '{path}': " + ", ".join(adopted))
 

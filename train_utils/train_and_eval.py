@@ -132,9 +132,12 @@ def evaluate(model, data_loader, device, num_classes, channels_last=False, vesse
 
 
 def create_lr_scheduler(optimizer, num_step: int, epochs: int, warmup=True, warmup_epochs=1,
-                        warmup_factor=1e-3):
-    """Per-step LR factor: linear warm-up from ``warmup_factor`` to 1, then ``(1 - progress) ** 0.9``."""
+                        warmup_factor=1e-3, schedule="poly"):
+    """Per-step LR factor: linear warm-up from ``warmup_factor`` to 1, then ``(1 - progress) ** 0.9`` ("poly",
+    the tutorial's) or ``(1 + cos(pi * progress)) / 2`` ("cosine")."""
     assert num_step > 0 and epochs > 0
+    if schedule not in ("poly", "cosine"):
+        raise ValueError(f"unknown LR schedule {schedule!r}")
     if warmup is False:
         warmup_epochs = 0
     warmup_steps = warmup_epochs * num_step
@@ -146,6 +149,8 @@ def create_lr_scheduler(optimizer, num_step: int, epochs: int, warmup=True, warm
             alpha = float(x) / warmup_steps
             return warmup_factor * (1 - alpha) + alpha
         progress = min((x - warmup_steps) / decay_steps, 1.0)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
         return (1 - progress) ** 0.9
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=f)

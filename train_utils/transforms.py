@@ -6,8 +6,12 @@ applies the same parameters to both and never blends class indices.
 
 Every geometric transform keeps the label on its image: the resize samples
 the mask with a centre-aligned nearest neighbour (as PIL's nearest, which the
-tutorial uses), flips and crops move both by whole pixels.
+tutorial uses), flips and crops move both by whole pixels, and the rotation
+(``--rotate``, off in the tutorial) samples image and mask on one grid.
+Photometric changes (``--color-jitter``) touch the image only.
 """
+import math
+
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -82,6 +86,58 @@ class RandomResize(v2.Transform):
         return F.resize(inpt, params["size"], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
 
 
+class RandomRotate(v2.Transform):
+    """Rotate by an angle drawn uniformly from [-degrees, degrees] about the centre, keeping the size.
+
+    Image and mask are sampled on the same grid (bilinear for the image, nearest for
+    the mask), so the label stays on its vessel; pixels whose source lies outside
+    the image become 0 in the image and 255 (ignored) in the mask.
+    """
+
+    def __init__(self, degrees, fill=0, mask_fill=IGNORE_INDEX):
+        super().__init__()
+        self.degrees = float(degrees)
+        self.fill = fill
+        self.mask_fill = mask_fill
+
+    def make_params(self, flat_inputs):
+        return {"angle": float(torch.empty(()).uniform_(-self.degrees, self.degrees))}
+
+    def transform(self, inpt, params):
+        if isinstance(inpt, tv_tensors.Mask):
+            return F.rotate(inpt, params["angle"], interpolation=v2.InterpolationMode.NEAREST, fill=self.mask_fill)
+        return F.rotate(inpt, params["angle"], interpolation=v2.InterpolationMode.BILINEAR, fill=self.fill)
+
+
+class RandomPhotometric(v2.Transform):
+    """Brightness and contrast factors drawn from [1 - s, 1 + s] and a gamma from [exp(-s), exp(s)], in a random
+    order of the three; the image only (the mask passes through untouched).
+
+    Fundus photographs differ mostly in exposure and contrast between cameras
+    and patients; the network should not learn DRIVE's particular ones.
+    """
+
+    def __init__(self, strength):
+        super().__init__()
+        self.strength = float(strength)
+
+    def make_params(self, flat_inputs):
+        s = self.strength
+        u = torch.empty(3).uniform_(-s, s)
+        return {"brightness": 1 + float(u[0]), "contrast": 1 + float(u[1]), "gamma": math.exp(float(u[2])),
+                "order": torch.randperm(3).tolist()}
+
+    def transform(self, inpt, params):
+        if not isinstance(inpt, tv_tensors.Image):
+            return inpt
+        ops = [lambda x: F.adjust_brightness(x, params["brightness"]),
+               lambda x: F.adjust_contrast(x, params["contrast"]),
+               lambda x: F.adjust_gamma(x, params["gamma"])]
+        for i in params["order"]:
+            inpt = ops[i](inpt)
+        return inpt
+
+
 class _Preset:
     def __call__(self, img, target):
         img, target = self.transforms(tv_tensors.Image(img), tv_tensors.Mask(target))
@@ -90,20 +146,24 @@ class _Preset:
 
 
 class SegmentationPresetTrain(_Preset):
-    """Random resize of the shorter side to [0.5, 1.2] x base_size, h/v flips, random crop, normalise."""
+    """Random resize of the shorter side to [0.5, 1.2] x base_size, (rotation,) h/v flips, random crop,
+    (brightness/contrast/gamma,) normalise. ``rotate`` and ``color_jitter`` are 0 (off) in the tutorial."""
 
     def __init__(self, base_size=BASE_SIZE, crop_size=CROP_SIZE, hflip_prob=0.5, vflip_prob=0.5,
-                 mean=DRIVE_MEAN, std=DRIVE_STD):
+                 mean=DRIVE_MEAN, std=DRIVE_STD, rotate=0.0, color_jitter=0.0):
         min_size = int(0.5 * base_size)
         max_size = int(1.2 * base_size)
         trans = [RandomResize(min_size, max_size)]
+        if rotate > 0:
+            trans.append(RandomRotate(rotate))
         if hflip_prob > 0:
             trans.append(v2.RandomHorizontalFlip(hflip_prob))
         if vflip_prob > 0:
             trans.append(v2.RandomVerticalFlip(vflip_prob))
+        trans += [PadIfSmaller(crop_size), v2.RandomCrop(crop_size)]
+        if color_jitter > 0:  # after the crop: fewer pixels to change
+            trans.append(RandomPhotometric(color_jitter))
         trans += [
-            PadIfSmaller(crop_size),
-            v2.RandomCrop(crop_size),
             v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
             v2.Normalize(mean=mean, std=std),
         ]
@@ -120,9 +180,11 @@ class SegmentationPresetEval(_Preset):
         ])
 
 
-def get_transform(train, mean=DRIVE_MEAN, std=DRIVE_STD, base_size=BASE_SIZE, crop_size=CROP_SIZE):
+def get_transform(train, mean=DRIVE_MEAN, std=DRIVE_STD, base_size=BASE_SIZE, crop_size=CROP_SIZE, rotate=0.0,
+                  color_jitter=0.0):
     if train:
-        return SegmentationPresetTrain(base_size, crop_size, mean=mean, std=std)
+        return SegmentationPresetTrain(base_size, crop_size, mean=mean, std=std, rotate=rotate,
+                                       color_jitter=color_jitter)
     return SegmentationPresetEval(mean=mean, std=std)
 
 

@@ -1,0 +1,210 @@
+"""``--recipe``: its defaults, the pieces it switches on (AdamW, cosine schedule, repeated crops, flip-averaged
+evaluation, rarer validation), what its checkpoint hands on, and the benchmark that compares the recipes."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from my_dataset import DriveDataset
+from tests.conftest import TINY_TRAIN, run_script, spread_output
+from train_utils.recipes import RECIPES, FlipAverage, RepeatDataset
+from train_utils.train_and_eval import create_lr_scheduler
+from train_utils.transforms import get_transform
+
+
+def parse(*argv):
+    return train.parse_args(train.get_args_parser(), [str(a) for a in argv])
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_fast_recipe_sets_its_defaults_and_typed_flags_win():
+    tutorial = parse()
+    assert (tutorial.recipe, tutorial.base_c, tutorial.opt, tutorial.lr, tutorial.weight_decay) == (
+        "tutorial", 32, "sgd", 0.01, 1e-4)
+    # crop_size None: resolved to the tutorial's 480 for DRIVE when the data is read (build_datasets)
+    assert (tutorial.lr_schedule, tutorial.crop_size, tutorial.batch_size, tutorial.epochs) == ("poly", None, 4, 200)
+    assert (tutorial.crops_per_image, tutorial.rotate, tutorial.color_jitter, tutorial.eval_tta,
+            tutorial.eval_every) == (1, 0.0, 0.0, False, 1)
+
+    fast = parse("--recipe", "fast")
+    for key, value in RECIPES["fast"].items():
+        assert getattr(fast, key) == value, key
+    assert fast.opt == "adamw" and fast.base_c == 16 and fast.eval_tta is True and fast.crops_per_image == 4
+
+    typed = parse("--recipe", "fast", "--base-c", 32, "--no-eval-tta", "--opt", "sgd", "--epochs", 3)
+    assert (typed.base_c, typed.eval_tta, typed.opt, typed.epochs) == (32, False, "sgd", 3)
+    assert typed.lr_schedule == "cosine" and typed.crop_size == 256  # the rest stays the recipe's
+    assert {"base_c", "eval_tta", "opt", "epochs", "recipe"} <= typed.explicit_flags
+
+    # --demo's sizes win over the recipe's; the recipe keeps its optimiser, augmentation and evaluation.
+    demo = parse("--demo", "--recipe", "fast")
+    assert (demo.crop_size, demo.base_size, demo.batch_size, demo.epochs) == (96, 128, 4, 30)
+    assert (demo.opt, demo.lr_schedule, demo.rotate, demo.eval_tta) == ("adamw", "cosine", 90.0, True)
+
+
+@pytest.mark.parametrize("schedule", ["poly", "cosine"])
+def test_scheduler_matches_the_formula(schedule):
+    num_step, epochs, base_lr = 3, 5, 0.5
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base_lr)
+    sched = create_lr_scheduler(opt, num_step, epochs, warmup=True, schedule=schedule)
+    seen = []
+    for _ in range(num_step * epochs):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = []
+    for x in range(num_step * epochs):
+        if x <= num_step:  # one warm-up epoch from 1e-3 to 1
+            factor = 1e-3 + (1 - 1e-3) * x / num_step
+        else:
+            p = (x - num_step) / ((epochs - 1) * num_step)
+            factor = (1 - p) ** 0.9 if schedule == "poly" else 0.5 * (1 + math.cos(math.pi * p))
+        expected.append(base_lr * factor)
+    assert seen == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert seen[num_step] == pytest.approx(base_lr)
+    if schedule == "cosine":  # half-way through the decay: half the rate
+        assert seen[num_step + (epochs - 1) * num_step // 2] < base_lr * 0.6
+
+
+def test_crops_per_image_repeats_every_image(drive_root):
+    args = parse("--data-path", drive_root, *TINY_TRAIN, "--crops-per-image", 3)
+    args.distributed, args.world_size = False, 1
+    train.set_default_normalisation(args)
+    loader, _ = train.build_data_loaders(args, torch.device("cpu"))
+    assert isinstance(loader.dataset, RepeatDataset) and len(loader.dataset) == 3 * 4
+    sizes = [img.shape[0] for img, _ in loader]
+    assert sum(sizes) == 12 and len(sizes) == 6  # batch 2
+    # Each visit draws its own crop: the three visits of one image differ.
+    torch.manual_seed(0)
+    crops = [loader.dataset[i][0] for i in (0, 4, 8)]
+    assert not torch.equal(crops[0], crops[1]) and not torch.equal(crops[1], crops[2])
+    assert loader.dataset.collate_fn is DriveDataset.collate_fn
+
+
+def _manual_flip_dice(model, dataset):
+    """Mean over images of the vessel dice of argmax(mean softmax of the image and its two flips)."""
+    dices = []
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            img, target = dataset[i]
+            x = img[None]
+            p = model(x)["out"].softmax(1)
+            p = p + model(x.flip(3))["out"].softmax(1).flip(3) + model(x.flip(2))["out"].softmax(1).flip(2)
+            pred = (p / 3).argmax(1)[0]
+            valid = target != 255
+            a = ((pred == 1) & valid).double().sum()
+            b = ((target == 1) & valid).double().sum()
+            inter = ((pred == 1) & (target == 1) & valid).double().sum()
+            dices.append(float((2 * inter + 1e-6) / (a + b + 1e-6)) if a + b > 0 else 1.0)
+    return float(np.mean(dices))
+
+
+def test_eval_tta_scores_the_flip_average(drive_root):
+    torch.manual_seed(0)
+    model = train.create_model(2, base_c=4).eval()
+    dataset = DriveDataset(drive_root, train=False, transforms=get_transform(False))
+    spread_output(model, torch.stack([dataset[i][0] for i in range(len(dataset))]))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=DriveDataset.collate_fn)
+    cpu = torch.device("cpu")
+    _, dice_tta, vessel_tta = train.report_validation(model, loader, cpu, 2, tta=True)
+    _, dice_plain, _ = train.report_validation(model, loader, cpu, 2, tta=False)
+    assert dice_tta == pytest.approx(_manual_flip_dice(model, dataset), abs=1e-5)
+    assert abs(dice_tta - dice_plain) > 1e-4  # the flips changed the prediction: the test can tell them apart
+    # The wrapper's output is the log of the averaged probabilities, so softmax gives them back.
+    x = dataset[0][0][None]
+    with torch.no_grad():
+        avg = FlipAverage(model)(x)["out"].softmax(1)
+        manual = (model(x)["out"].softmax(1) + model(x.flip(3))["out"].softmax(1).flip(3)
+                  + model(x.flip(2))["out"].softmax(1).flip(2)) / 3
+    assert torch.allclose(avg, manual, atol=1e-6)
+    assert 0 < vessel_tta["auc"] < 1
+
+
+def test_fast_run_records_its_recipe_and_test_only_uses_it(drive_root, tmp_path):
+    out = tmp_path / "fast"
+    r = run_script("train.py", "--data-path", drive_root, "--output-dir", out, "--recipe", "fast", *TINY_TRAIN,
+                   "--epochs", 3, "--eval-every", 2, "--no-plots")
+    assert r.returncode == 0, r.stderr
+    log = read_log(out)
+    assert [rec["epoch"] for rec in log] == [1, 2]  # every 2nd epoch, and always the last
+    assert log[1]["elapsed"] > log[0]["elapsed"] > log[0]["epoch_time"] > 0
+    assert sum(line.startswith("dice coefficient: ") for line in r.stdout.splitlines()) == 2
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    saved = ckpt["args"]
+    assert saved["recipe"] == "fast" and saved["eval_tta"] is True and saved["opt"] == "adamw"
+    assert saved["crops_per_image"] == 4 and saved["base_c"] == 4  # TINY_TRAIN's width won
+    assert "exp_avg_sq" in ckpt["optimizer"]["state"][0]  # an AdamW state
+    # Training steps: 4 images x 4 crops / batch 2 = 8 per epoch.
+    assert ckpt["lr_scheduler"]["last_epoch"] == 3 * 8
+
+    # --test-only with no recipe flag scores the model as its training validated it (flip averaging) ...
+    r = run_script("train.py", "--data-path", drive_root, "--test-only", "--resume", out / "checkpoint.pth",
+                   "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "from checkpoint" in r.stdout and "eval_tta True" in r.stdout and "recipe fast" in r.stdout
+    assert f"dice coefficient: {log[-1]['dice']:.3f}" in r.stdout
+    # ... and in process, the whole record matches the last validation to float precision.
+    args = parse("--data-path", drive_root, "--test-only", "--resume", out / "checkpoint.pth", "--device", "cpu")
+    args.distributed, args.world_size = False, 1
+    ckpt_args = dict(saved)
+    train.adopt_run_settings(args, ckpt_args, "ckpt", args.explicit_flags)
+    assert args.eval_tta is True and args.recipe == "fast"
+    typed = parse("--test-only", "--no-eval-tta")
+    train.adopt_run_settings(typed, ckpt_args, "ckpt", typed.explicit_flags)
+    assert typed.eval_tta is False and typed.recipe == "fast"  # a typed flag wins without an error
+
+    # A fast run resumes as a fast run: AdamW state, the cosine schedule, its crops.
+    r = run_script("train.py", "--data-path", drive_root, "--output-dir", out, "--resume", out / "checkpoint.pth",
+                   "--device", "cpu", "--epochs", 4, "--no-plots")
+    assert r.returncode == 0, r.stderr
+    after = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert after["epoch"] == 3 and after["args"]["opt"] == "adamw" and after["lr_scheduler"]["last_epoch"] == 4 * 8
+
+
+def test_predict_uses_the_checkpoints_flip_averaging(drive_root, tmp_path):
+    out = tmp_path / "fast"
+    r = run_script("train.py", "--data-path", drive_root, "--output-dir", out, "--recipe", "fast", *TINY_TRAIN,
+                   "--epochs", 1, "--no-plots")
+    assert r.returncode == 0, r.stderr
+    img = os.path.join(drive_root, "DRIVE", "test", "images", "01_test.tif")
+    probs = {}
+    for name, flags in (("default", []), ("tta", ["--tta"]), ("plain", ["--no-tta"])):
+        r = run_script("predict.py", "--weights", out / "checkpoint.pth", "--img", img, "--output",
+                       tmp_path / name, "--save-prob", "--device", "cpu", *flags)
+        assert r.returncode == 0, r.stderr
+        probs[name] = np.asarray(Image.open(tmp_path / name / "01_test_prob.png"), dtype=np.int32)
+    assert np.array_equal(probs["default"], probs["tta"])
+    assert np.abs(probs["default"] - probs["plain"]).max() > 0
+
+
+def test_benchmark_recipes_mode_end_to_end(tmp_path):
+    png, out_json = tmp_path / "recipes.png", tmp_path / "recipes.json"
+    r = run_script("benchmarks/benchmark.py", "--mode", "recipes", "--images", 4, "--val-images", 2,
+                   "--image-size", 64, 60, "--tutorial-epochs", 2,
+                   "--train-args=--base-c 4 --crop-size 48 --base-size 64 -b 2",
+                   "--fast-args=--epochs 3 --eval-every 2", "--plot", png, "--json", out_json, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(out_json) as f:
+        result = json.load(f)["samples"]
+    rows = {row["recipe"]: row for row in result["table"]}
+    assert rows["tutorial"]["epochs"] == 2 and rows["tutorial"]["validations"] == 2
+    assert rows["fast"]["epochs"] == 3 and rows["fast"]["validations"] == 2
+    for recipe, row in rows.items():
+        points = result["runs"][recipe]["points"]
+        assert row["final_dice"] == points[-1]["dice"] and 0 <= row["final_dice"] <= 1
+        assert row["seconds"] == points[-1]["seconds"] > points[0]["seconds"] > 0
+        assert row["process_s"] > row["seconds"]  # the process also started up
+    assert "--recipe" in result["runs"]["fast"]["argv"] and "fast" in result["runs"]["fast"]["argv"]
+    assert rows["tutorial"]["share_of_tutorial_time"] == pytest.approx(1.0)
+    assert "| tutorial | 2 |" in r.stdout and "| fast | 3 |" in r.stdout
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 300
