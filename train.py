@@ -320,7 +320,8 @@ def build_data_loaders(args, device):
     if args.crops_per_image > 1:
         train_dataset = RepeatDataset(train_dataset, args.crops_per_image)
     if args.batch_size > len(train_dataset) // args.world_size:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_dataset)} training images"
+        samples = "training images" if args.crops_per_image == 1 else f"crops ({args.crops_per_image} per image)"
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_dataset)} {samples}"
                         + (f" split over {args.world_size} processes" if args.distributed else ""))
     if args.distributed:
         train_sampler = DistributedSampler(train_dataset, shuffle=True, seed=args.seed or 0)
