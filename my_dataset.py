@@ -265,13 +265,14 @@ def chase_db1_files(root, split):
     return files
 
 
-def _find_by_stem(folder, stem):
-    """The file of ``folder`` named ``stem`` plus an image extension (``.gz`` allowed), or None."""
-    for name in _files(folder):
-        s, _ = split_ext(name)
-        if s == stem and is_image_name(name):
-            return os.path.join(folder, name)
-    return None
+def _by_stem(folder):
+    """{stem: file name} of the image files in ``folder`` (``.gz`` allowed); empty if there is no such folder.
+
+    One listing per folder, looked up per image.
+    """
+    if not os.path.isdir(folder):
+        return {}
+    return {split_ext(n)[0]: n for n in _files(folder) if is_image_name(n)}
 
 
 def stare_files(root, split):
@@ -280,7 +281,7 @@ def stare_files(root, split):
     label_dir = _require_dir(os.path.join(root, "labels-ah"), "STARE's labels by A. Hoover")
     pattern = re.compile(r"^(im\d+)\.ppm(\.gz)?$", re.IGNORECASE)
     labelled, unlabelled = [], []
-    label_names = {split_ext(n)[0]: n for n in _files(label_dir)}
+    label_names = _by_stem(label_dir)
     for name in _files(img_dir):
         m = pattern.match(name)
         if not m:
@@ -306,18 +307,16 @@ def hrf_files(root, split):
     if not names:
         raise UserError(f"no HRF photographs (NN_h.jpg, NN_dr.jpg, NN_g.jpg) in '{img_dir}'")
     train = split == "training"
+    label_dir, mask_dir = os.path.join(root, "manual1"), os.path.join(root, "mask")
+    labels, masks = _by_stem(label_dir), _by_stem(mask_dir)
     files = []
     for name in names:
         number, kind = pattern.match(name).groups()
         if (int(number) <= HRF_TRAIN_LAST) != train:
             continue
         stem = f"{number}_{kind.lower()}"
-        label = _find_by_stem(os.path.join(root, "manual1"), stem) if os.path.isdir(
-            os.path.join(root, "manual1")) else None
-        mask = _find_by_stem(os.path.join(root, "mask"), stem + "_mask") if os.path.isdir(
-            os.path.join(root, "mask")) else None
-        _need(label or os.path.join(root, "manual1", stem + ".tif"), "label", name)
-        _need(mask or os.path.join(root, "mask", stem + "_mask.tif"), "FOV mask", name)
+        label = _need(os.path.join(label_dir, labels.get(stem, stem + ".tif")), "label", name)
+        mask = _need(os.path.join(mask_dir, masks.get(stem + "_mask", stem + "_mask.tif")), "FOV mask", name)
         files.append(Sample(os.path.join(img_dir, name), label, mask))
     return files
 
@@ -331,8 +330,8 @@ def folder_files(root, split):
     img_dir = _require_dir(os.path.join(base, "images"), "photographs")
     label_dir = _require_dir(os.path.join(base, "labels"), "labels")
     mask_dir = os.path.join(base, "masks")
-    labels = {split_ext(n)[0]: n for n in _files(label_dir) if is_image_name(n)}
-    masks = {split_ext(n)[0]: n for n in _files(mask_dir) if is_image_name(n)} if os.path.isdir(mask_dir) else None
+    labels = _by_stem(label_dir)
+    masks = _by_stem(mask_dir) if os.path.isdir(mask_dir) else None
     files = []
     for name in (n for n in _files(img_dir) if is_image_name(n)):
         stem = split_ext(name)[0]
@@ -577,12 +576,13 @@ def _save(array, path, mode=None, gz=False, **kw):
         f.write(buf.getvalue())
 
 
-def _palette_label(classes):
-    """A palette PNG of class indices (black background, green, red, ...; 255 white for ignored pixels)."""
-    im = Image.fromarray(classes.astype(np.uint8), mode="L").convert("P")
-    colours = [(0, 0, 0), (0, 255, 0), (255, 0, 0), (0, 0, 255)]
-    palette = [v for c in range(256) for v in (colours[c] if c < len(colours) else (255, 255, 255))]
-    im.putpalette(palette)
+def palette_image(classes, colours, other=(0, 0, 0)):
+    """A palette ('P') image of uint8 class indices: class c drawn in ``colours[c]``, classes beyond in ``other``.
+
+    Class-index PNGs that open in any viewer: predict.py's masks, the synthetic palette labels.
+    """
+    im = Image.fromarray(classes.astype(np.uint8))  # 'L'; putpalette makes it 'P' with the same indices
+    im.putpalette([v for c in range(256) for v in (colours[c] if c < len(colours) else other)])
     return im
 
 
@@ -649,7 +649,9 @@ def write_synthetic(root, layout="drive", num_train=20, num_test=20, height=584,
                 else:
                     classes = np.where(vessel, 1, np.where(disc, 2, 0))
                     os.makedirs(os.path.join(d, "labels"), exist_ok=True)
-                    _palette_label(classes).save(os.path.join(d, "labels", stem + ".png"))
+                    # black background, green vessels, red disc; white (255) for anything ignored
+                    palette_image(classes, [(0, 0, 0), (0, 255, 0), (255, 0, 0)], other=(255, 255, 255)).save(
+                        os.path.join(d, "labels", stem + ".png"))
                 if masks:
                     _save(gray(fov), os.path.join(d, "masks", stem + "_mask.png"))
     os.makedirs(root, exist_ok=True)

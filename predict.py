@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from my_dataset import IMAGE_EXTS, image_size, is_image_name, read_binary, read_image, split_ext
+from my_dataset import IMAGE_EXTS, image_size, is_image_name, palette_image, read_binary, read_image, split_ext
 from train_utils.checkpoint import model_from_checkpoint
 from train_utils.distributed_utils import resolve_device
 from train_utils.errors import UserError, run_cli
@@ -191,10 +191,7 @@ def save_outputs(probs, image, fov, plan, args):
     if num_classes <= 2:
         Image.fromarray((classes > 0).astype(np.uint8) * 255).save(mask_path)
     else:
-        im = Image.fromarray(classes)  # 'L'; putpalette makes it 'P'
-        palette = [v for c in range(256) for v in (CLASS_COLOURS[c] if c < len(CLASS_COLOURS) else (0, 0, 0))]
-        im.putpalette(palette)
-        im.save(mask_path)
+        palette_image(classes, CLASS_COLOURS).save(mask_path)
     if args.save_prob:
         fg = torch.where(fov_t, 1 - probs[0], 0).clamp_(0, 1)
         Image.fromarray(fg.mul_(255).round_().to(torch.uint8).cpu().numpy()).save(prob_path)

@@ -31,12 +31,12 @@ import src
 from my_dataset import DATASETS, FOV_MODES, VesselDataset, dataset_files, ensure_synthetic_drive, holdout
 from train_utils import distributed_utils as utils
 from train_utils import visuals
-from train_utils.checkpoint import (CARRIED_KEYS, adopt_checkpoint_args, adopt_run_settings, load_checkpoint,
-                                    plain_args, resume, safe_load, save_epoch)
+from train_utils.checkpoint import (CARRIED_KEYS, adopt_checkpoint_args, load_checkpoint, plain_args, resume,
+                                    safe_load, save_epoch)
 from train_utils.errors import UserError, run_cli
 from train_utils.files import atomic_write, ensure_writable_folder
 from train_utils.inference import inference_model, size_multiple
-from train_utils.recipes import RECIPES, FlipAverage, RepeatDataset, build_optimizer
+from train_utils.recipes import RECIPES, RUN_KEYS, FlipAverage, RepeatDataset, build_optimizer
 from train_utils.train_and_eval import autocast_dtype, create_lr_scheduler, evaluate, train_one_epoch
 from train_utils.transforms import BASE_SIZE, CROP_SIZE, DATASET_MEAN_STD, DRIVE_MEAN, DRIVE_STD, get_transform
 from train_utils.vessel_metrics import VesselMetrics, format_metrics
@@ -347,8 +347,8 @@ def main(args):
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     if checkpoint is not None:  # the checkpoint's model, class count and normalisation
         adopt_checkpoint_args(args, checkpoint["args"], args.resume, getattr(args, "explicit_flags", ()),
-                              keys=CARRIED_KEYS if args.test_only else CARRIED_KEYS + RESUMED_KEYS)
-        adopt_run_settings(args, checkpoint["args"], args.resume, getattr(args, "explicit_flags", ()))
+                              keys=CARRIED_KEYS if args.test_only else CARRIED_KEYS + RESUMED_KEYS,
+                              overridable=RUN_KEYS)
     set_default_normalisation(args)
     print(argparse.Namespace(**plain_args(args)))
     seed_and_tune(args, device)

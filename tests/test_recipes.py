@@ -156,10 +156,10 @@ def test_fast_run_records_its_recipe_and_test_only_uses_it(drive_root, tmp_path)
     args = parse("--data-path", drive_root, "--test-only", "--resume", out / "checkpoint.pth", "--device", "cpu")
     args.distributed, args.world_size = False, 1
     ckpt_args = dict(saved)
-    train.adopt_run_settings(args, ckpt_args, "ckpt", args.explicit_flags)
+    train.adopt_checkpoint_args(args, ckpt_args, "ckpt", args.explicit_flags, keys=(), overridable=train.RUN_KEYS)
     assert args.eval_tta is True and args.recipe == "fast"
     typed = parse("--test-only", "--no-eval-tta")
-    train.adopt_run_settings(typed, ckpt_args, "ckpt", typed.explicit_flags)
+    train.adopt_checkpoint_args(typed, ckpt_args, "ckpt", typed.explicit_flags, keys=(), overridable=train.RUN_KEYS)
     assert typed.eval_tta is False and typed.recipe == "fast"  # a typed flag wins without an error
 
     # A fast run resumes as a fast run: AdamW state, the cosine schedule, its crops.

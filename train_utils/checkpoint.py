@@ -20,7 +20,6 @@ import src
 from . import distributed_utils as utils
 from .errors import UserError
 from .files import atomic_write
-from .recipes import RUN_KEYS
 
 # What a checkpoint's ``args`` must hold to rebuild its model, with the value assumed when absent
 # (the tutorial saved no model name or width: its model is the bilinear U-Net with base_c=32).
@@ -59,50 +58,37 @@ def _comparable(value):
     return value
 
 
-def adopt_checkpoint_args(args, saved: dict, path, explicit=(), keys=CARRIED_KEYS):
-    """Set ``args``' settings ``keys`` (the model's: ``CARRIED_KEYS``) to those the checkpoint was trained with.
+def adopt_checkpoint_args(args, saved: dict, path, explicit=(), keys=CARRIED_KEYS, overridable=()):
+    """Set ``args``' settings ``keys`` (the model's: ``CARRIED_KEYS``) and ``overridable`` to the checkpoint's.
 
     A checkpoint carries its model: evaluating or resuming it needs none of its
     flags retyped. A flag in ``explicit`` (given on the command line) that
-    contradicts the checkpoint is an error naming both values.
+    contradicts the checkpoint on one of ``keys`` is an error naming both
+    values; on one of ``overridable`` (``recipes.RUN_KEYS``: the recipe's
+    optimiser, schedule, crops, augmentation, evaluation) the typed value
+    wins, e.g. ``--no-eval-tta`` to score a fast-recipe model without flips.
+    Settings a checkpoint does not hold (written before they existed) stay as they are.
     """
     adopted = []
-    for key in keys:
+    for key in tuple(keys) + tuple(overridable):
         if key in saved:
             value = saved[key]
-        elif key in MODEL_KEYS:
+        elif key in MODEL_KEYS and key not in overridable:
             value = MODEL_KEYS[key]
         else:
             continue  # e.g. mean/std in a tutorial checkpoint: the run's own (default) values stay
         value, current = _comparable(value), _comparable(getattr(args, key, None))
-        if current == value:
+        if current == value or (key in overridable and not hasattr(args, key)):
             continue
-        flag = "--" + key.replace("_", "-")
         if key in explicit:
+            if key in overridable:
+                continue
+            flag = "--" + key.replace("_", "-")
             shown = " ".join(map(str, current)) if isinstance(current, list) else current
             raise UserError(f"{flag} {shown} contradicts checkpoint '{path}', which was trained with {key} "
                             f"{value}; leave {flag} out to use the checkpoint's")
         setattr(args, key, value)
         adopted.append(f"{key} {value}")
-    if adopted:
-        print(f"from checkpoint '{path}': " + ", ".join(adopted))
-
-
-def adopt_run_settings(args, saved: dict, path, explicit=()):
-    """Take the recipe's settings (``recipes.RUN_KEYS``: recipe, optimiser, schedule, crops, augmentation,
-    evaluation) from the checkpoint unless typed on the command line.
-
-    A ``--recipe fast`` run then resumes as one (an AdamW state never meets an
-    SGD optimiser) and ``--test-only`` scores it as its training validated it,
-    with flip averaging. Unlike the model's settings, a typed flag may differ
-    (e.g. ``--no-eval-tta`` to score without flips). Checkpoints written before
-    recipes existed carry none of these and change nothing.
-    """
-    adopted = []
-    for key in RUN_KEYS:
-        if key in saved and key not in explicit and hasattr(args, key) and getattr(args, key) != saved[key]:
-            setattr(args, key, saved[key])
-            adopted.append(f"{key} {saved[key]}")
     if adopted:
         print(f"from checkpoint '{path}': " + ", ".join(adopted))
 
