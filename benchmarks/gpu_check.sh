@@ -3,13 +3,15 @@
 #
 #   bash benchmarks/gpu_check.sh                 # uses python3 (with requirements.txt installed)
 #   PYTHON=.venv/bin/python OUT=/tmp/gpu bash benchmarks/gpu_check.sh
+#   DATA=/data/DRIVE-root bash benchmarks/gpu_check.sh   # step 1 on real images (a DRIVE-format root)
 #
-# 1. torchrun on one GPU (NCCL backend) for 2 demo epochs
-# 2. fp16 AMP with the gradient scaler, 2 demo epochs, then --test-only in float32
-# 3. torch.compile, 2 demo epochs
-# 4. the benchmark's epochs on synthetic DRIVE-sized data: the tutorial-style run (a) and train.py (b) in
+# 1. --recipe fast (with its AMP, float16 on CUDA) on $DATA, or without it on synthetic DRIVE-sized data
+#    (20 training, 5 test images of 584 x 565): final dice and wall time
+# 2. torchrun on one GPU (NCCL backend) for 2 demo epochs
+# 3. fp16 AMP with the gradient scaler, 2 demo epochs, then --test-only in float32
+# 4. torch.compile, 2 demo epochs
+# 5. the benchmark's epochs on synthetic DRIVE-sized data: the tutorial-style run (a) and train.py (b) in
 #    float32, and train.py with AMP (fp16), one round each
-# 5. --recipe fast on synthetic DRIVE-sized data (20 training, 5 test images of 584 x 565): final dice and time
 # Each step has its own time limit (660 s in all); a failing step is reported and the others still run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,21 +37,33 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name(0))" | tee -a "$LOG" || exit 1
 
+if [ -n "${DATA:-}" ]; then
+    RECIPE_ROOT=$DATA
+else
+    RECIPE_ROOT=$OUT/synth
+    step "synthetic-drive" 30 "$PY" my_dataset.py --out "$RECIPE_ROOT" --num-train 20 --num-test 5 --height 584 --width 565
+fi
+step "recipe-fast" 150 "$PY" train.py --recipe fast --device cuda --data-path "$RECIPE_ROOT" --output-dir "$OUT/fast" \
+    --no-plots --print-freq 1000 --seed 0
+# The final model's dice (the last line of log.jsonl, always a validated epoch), the wall time it took, and
+# the dice at every validated epoch against the time since training began.
+"$PY" -c "
+import json, sys
+recs = [json.loads(line) for line in open(sys.argv[1])]
+r = recs[-1]
+print('recipe fast on %s: final dice %.4f, auc %.4f, %d epochs in %.1f s' % (sys.argv[2], r['dice'], r['auc'], r['epoch'] + 1, r['elapsed']))
+print('recipe fast curve (epoch, s, dice): ' + ', '.join('%d %.1f %.4f' % (x['epoch'] + 1, x['elapsed'], x['dice']) for x in recs))
+" "$OUT/fast/log.jsonl" "$RECIPE_ROOT" 2>&1 | tee -a "$LOG"
+
 step "torchrun-nccl" 60 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train_multi_GPU.py \
     --demo --device cuda --epochs 2 --output-dir "$OUT/ddp"
 step "amp-fp16" 60 "$PY" train.py --demo --device cuda --amp --amp-dtype float16 --epochs 2 --output-dir "$OUT/amp"
-step "amp-test-only" 45 "$PY" train.py --demo --device cuda --test-only --resume "$OUT/amp/checkpoint.pth"
+step "amp-test-only" 45 "$PY" train.py --demo --device cuda --test-only --resume "$OUT/amp/checkpoint.pth" \
+    --output-dir "$OUT/amp"
 step "compile" 120 "$PY" train.py --demo --device cuda --compile --epochs 2 --output-dir "$OUT/compile"
 step "benchmark-fp32" 120 "$PY" benchmarks/benchmark.py --device cuda --rounds 1 --configs a b --json "$OUT/bench_fp32.json"
 step "benchmark-amp" 75 "$PY" benchmarks/benchmark.py --device cuda --rounds 1 --configs b --b-args=--amp \
     --json "$OUT/bench_amp.json"
-
-step "synthetic-drive" 30 "$PY" my_dataset.py --out "$OUT/synth" --num-train 20 --num-test 5 --height 584 --width 565
-step "recipe-fast" 150 "$PY" train.py --recipe fast --device cuda --data-path "$OUT/synth" --output-dir "$OUT/fast" \
-    --no-plots --print-freq 1000 --seed 0
-# The final model's dice (the last line of log.jsonl, always a validated epoch) and the wall time it took.
-"$PY" -c "import json, sys; r = json.loads(open(sys.argv[1]).readlines()[-1]); print('recipe fast: final dice %.4f, auc %.4f, %d epochs in %.1f s' % (r['dice'], r['auc'], r['epoch'] + 1, r['elapsed']))" \
-    "$OUT/fast/log.jsonl" 2>&1 | tee -a "$LOG"
 
 echo "--- summary" | tee -a "$LOG"
 grep -E "^=== .*(ok|FAILED)|^\| (a|b)|best dice|backend nccl|^recipe fast" "$LOG" | tee "$OUT/summary.txt"

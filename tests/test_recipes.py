@@ -12,8 +12,9 @@ from PIL import Image
 import train
 from my_dataset import DriveDataset
 from tests.conftest import TINY_TRAIN, run_script, spread_output
-from train_utils.recipes import RECIPES, FlipAverage, RepeatDataset
-from train_utils.train_and_eval import create_lr_scheduler
+from train_utils.recipes import RECIPES, FlipAverage, RepeatDataset, fast_width
+from train_utils import train_and_eval
+from train_utils.train_and_eval import autocast_dtype, cpu_has_native_bf16, create_lr_scheduler
 from train_utils.transforms import get_transform
 
 
@@ -38,7 +39,7 @@ def test_fast_recipe_sets_its_defaults_and_typed_flags_win():
     fast = parse("--recipe", "fast")
     for key, value in RECIPES["fast"].items():
         assert getattr(fast, key) == value, key
-    assert fast.opt == "adamw" and fast.base_c == 16 and fast.eval_tta is True and fast.crops_per_image == 4
+    assert fast.opt == "adamw" and fast.base_c is None and fast.eval_tta is True and fast.crops_per_image == 4
 
     typed = parse("--recipe", "fast", "--base-c", 32, "--no-eval-tta", "--opt", "sgd", "--epochs", 3)
     assert (typed.base_c, typed.eval_tta, typed.opt, typed.epochs) == (32, False, "sgd", 3)
@@ -49,6 +50,44 @@ def test_fast_recipe_sets_its_defaults_and_typed_flags_win():
     demo = parse("--demo", "--recipe", "fast")
     assert (demo.crop_size, demo.base_size, demo.batch_size, demo.epochs) == (96, 128, 4, 30)
     assert (demo.opt, demo.lr_schedule, demo.rotate, demo.eval_tta) == ("adamw", "cosine", 90.0, True)
+
+
+def test_amp_auto_is_on_only_where_it_is_faster(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert isinstance(cpu_has_native_bf16(), bool)
+    monkeypatch.setattr(train_and_eval, "cpu_has_native_bf16", lambda: True)
+    assert autocast_dtype(cpu, "auto") is torch.bfloat16
+    monkeypatch.setattr(train_and_eval, "cpu_has_native_bf16", lambda: False)
+    assert autocast_dtype(cpu, "auto") is None  # emulated bfloat16 would be slower than float32
+    assert autocast_dtype(cuda, "auto") is torch.float16
+    assert autocast_dtype(cuda, "auto", "bfloat16") is torch.bfloat16
+    # A typed --amp / --no-amp is obeyed on any CPU.
+    assert autocast_dtype(cpu, True) is torch.bfloat16 and autocast_dtype(cpu, False) is None
+
+    # bfloat16 on the CPU trains in channels_last (oneDNN's faster layout for it); float32 on the CPU stays
+    # NCHW for its exact BatchNorm statistics; a typed --channels-last / --no-channels-last wins.
+    assert train.default_train_channels_last(cpu, None, torch.bfloat16) is True
+    assert train.default_train_channels_last(cpu, None, None) is False
+    assert train.default_train_channels_last(cpu, False, torch.bfloat16) is False
+    assert train.default_train_channels_last(cuda, None, None) is True
+
+    assert parse().amp is False and parse("--amp").amp is True
+    assert parse("--recipe", "fast").amp == "auto" and parse("--recipe", "fast", "--no-amp").amp is False
+    # The fast recipe's width follows the precision: the tutorial's 32 with AMP, 16 in float32.
+    assert fast_width(torch.bfloat16) == fast_width(torch.float16) == 32 and fast_width(None) == 16
+
+
+@pytest.mark.parametrize("amp", ["auto", "--no-amp", "--amp"])
+def test_fast_recipe_width_is_decided_by_the_precision(drive_root, tmp_path, amp):
+    out = tmp_path / "fast"
+    flags = [] if amp == "auto" else [amp]
+    tiny = [a for a in TINY_TRAIN if a not in ("--base-c", "4")]  # the width is the recipe's to choose
+    r = run_script("train.py", "--data-path", drive_root, "--output-dir", out, "--recipe", "fast", *tiny, *flags,
+                   "--epochs", 1, "--crops-per-image", 1, "--no-eval-tta", "--no-plots")
+    assert r.returncode == 0, r.stderr
+    bf16 = {"auto": cpu_has_native_bf16(), "--no-amp": False, "--amp": True}[amp]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["args"]["base_c"] == (32 if bf16 else 16)
+    assert ("training in bfloat16 autocast, channels_last" if bf16 else "training in float32, NCHW") in r.stdout
 
 
 @pytest.mark.parametrize("schedule", ["poly", "cosine"])
@@ -142,6 +181,9 @@ def test_fast_run_records_its_recipe_and_test_only_uses_it(drive_root, tmp_path)
     saved = ckpt["args"]
     assert saved["recipe"] == "fast" and saved["eval_tta"] is True and saved["opt"] == "adamw"
     assert saved["crops_per_image"] == 4 and saved["base_c"] == 4  # TINY_TRAIN's width won
+    assert saved["amp"] == "auto"  # resolved per machine, so a resume on a GPU uses its AMP
+    precision = "bfloat16 autocast, channels_last" if cpu_has_native_bf16() else "float32, NCHW"
+    assert f"training in {precision}" in r.stdout
     assert "exp_avg_sq" in ckpt["optimizer"]["state"][0]  # an AdamW state
     # Training steps: 4 images x 4 crops / batch 2 = 8 per epoch.
     assert ckpt["lr_scheduler"]["last_epoch"] == 3 * 8

@@ -33,11 +33,28 @@ class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite: training stops instead of writing garbage weights."""
 
 
+def cpu_has_native_bf16():
+    """Does this CPU multiply bfloat16 in hardware (AMX tiles or AVX512-BF16)?
+
+    Only there is bfloat16 autocast faster than float32 on the CPU (a U-Net
+    step about 2.3x faster with AMX); elsewhere oneDNN emulates it, slower
+    than float32.
+    """
+    try:
+        return bool(torch.backends.mkldnn.is_available()
+                    and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()))
+    except AttributeError:  # a PyTorch without these probes: assume the common case, no bfloat16 hardware
+        return False
+
+
 def autocast_dtype(device, amp, dtype=None):
     """The autocast dtype for ``--amp``: ``dtype`` if named, else float16 on CUDA and bfloat16 on the CPU.
 
-    None without AMP.
+    None without AMP. ``amp="auto"`` (the fast recipe's) turns AMP on only where
+    it is faster: on CUDA, and on CPUs with bfloat16 hardware.
     """
+    if amp == "auto":
+        amp = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
     if not amp:
         return None
     if dtype:
