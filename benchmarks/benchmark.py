@@ -67,7 +67,9 @@ def get_args_parser():
                              "UNET_ALLOCATOR)")
     parser.add_argument("--b-args", default="", help="extra train.py flags for every b config, e.g. '--amp'")
     parser.add_argument("--rounds", default=2, type=int, help="interleaved rounds (medians over rounds)")
-    parser.add_argument("--epochs", default=3, type=int, help="the longer run's epochs (the shorter runs 1)")
+    parser.add_argument("--epochs", default=None, type=int,
+                        help="the longer run's epochs (the shorter runs 1); default 3 on the CPU, 12 on a GPU, "
+                             "where an epoch is short next to the seconds a process takes to start")
     parser.add_argument("--images", default=8, type=int, help="synthetic training images")
     parser.add_argument("--val-images", default=4, type=int, help="synthetic validation images")
     parser.add_argument("--device", default="cpu")
@@ -137,6 +139,9 @@ def run_epochs(args, root):
             (t1, _, _), (tn, peak, out) = times[1], times[args.epochs]
             allocator = next((ln.split(":", 1)[1].split("(")[0].strip() for ln in out.splitlines()
                               if ln.startswith("memory allocator:")), "glibc")
+            if tn <= t1:  # start-up jitter (CUDA, cuDNN autotuning, workers) outweighed the extra epochs
+                sys.exit(f"error: {config}: {args.epochs} epochs took {tn:.1f} s, no longer than 1 epoch "
+                         f"({t1:.1f} s): too few epochs to measure one; raise --epochs")
             sample = {"epoch_s": (tn - t1) / (args.epochs - 1), "t1": t1, "tn": tn, "peak_mb": peak,
                       "allocator": allocator}
             samples[config].append(sample)
@@ -341,6 +346,8 @@ def main():
     args = get_args_parser().parse_args()
     if args.child:
         return step_child(args)
+    if args.epochs is None:
+        args.epochs = 3 if args.device == "cpu" else 12
     if args.rounds < 1 or args.epochs < 2 or args.steps < 1 or args.tutorial_epochs < 1:
         sys.exit("error: --rounds, --steps and --tutorial-epochs must be at least 1, --epochs at least 2")
     unknown = set(args.configs) - {"a", "b", "b-glibc", "b-mimalloc", "b-tcmalloc"}
