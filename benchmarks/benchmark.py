@@ -7,6 +7,7 @@ and the dice against wall time of the two recipes (``--mode recipes``).
     python benchmarks/benchmark.py --configs a b b-glibc       # also train.py with glibc's malloc
     python benchmarks/benchmark.py --device cuda --b-args="--amp"            # on a GPU, (b) with AMP
     python benchmarks/benchmark.py --mode allocators           # one training step under each memory allocator
+    python benchmarks/benchmark.py --mode precision -b 8 --crop-size 256 --opt adamw   # float32 / bfloat16 step
     python benchmarks/benchmark.py --mode recipes --data-path ROOT --plot docs/recipes.png   # --recipe fast vs tutorial
 
 ``--mode epoch`` runs whole processes, one configuration at a time, each as
@@ -26,6 +27,12 @@ largest resident set of any process of the longer run (its ``ru_maxrss``).
 ``--mode allocators`` times one training step of the tutorial's model
 (batch 4, crop 480, base_c 32) in a fresh process per allocator: step time,
 system time, minor page faults and peak memory.
+
+``--mode precision`` times one training step on the CPU, likewise one fresh
+process per configuration: float32 and bfloat16 autocast, each in NCHW and
+channels_last (``-b 8 --crop-size 256 --opt adamw`` is the fast recipe's
+step). bfloat16 is only faster on CPUs with bfloat16 hardware (AMX,
+AVX512-BF16), which the mode reports.
 
 ``--mode recipes`` runs ``train.py --recipe tutorial --epochs 25`` and then
 ``train.py --recipe fast`` (same data, seed 0, one after the other, never
@@ -59,7 +66,7 @@ from train_utils.allocator import find_mimalloc, find_tcmalloc  # noqa: E402
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="epoch", choices=["epoch", "allocators", "recipes"])
+    parser.add_argument("--mode", default="epoch", choices=["epoch", "allocators", "precision", "recipes"])
     parser.add_argument("--data-path", default=None,
                         help="folder that holds DRIVE/ (default: synthetic 584x565 images in a temp folder)")
     parser.add_argument("--configs", nargs="+", default=["a", "b"],
@@ -73,7 +80,7 @@ def get_args_parser():
     parser.add_argument("--images", default=8, type=int, help="synthetic training images")
     parser.add_argument("--val-images", default=4, type=int, help="synthetic validation images")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", default=3, type=int, help="--mode allocators: timed steps per process")
+    parser.add_argument("--steps", default=3, type=int, help="--mode allocators / precision: timed steps per process")
     parser.add_argument("--crop-size", default=480, type=int)
     parser.add_argument("--base-c", default=32, type=int)
     parser.add_argument("-b", "--batch-size", default=4, type=int)
@@ -86,7 +93,11 @@ def get_args_parser():
     parser.add_argument("--fast-args", default="", help="--mode recipes: extra train.py flags for the fast run")
     parser.add_argument("--image-size", default=[584, 565], type=int, nargs=2, metavar=("H", "W"),
                         help=argparse.SUPPRESS)  # synthetic image size; the tests make it tiny
+    parser.add_argument("--opt", default="sgd", choices=["sgd", "adamw"],
+                        help="--mode allocators / precision: the optimiser of the timed step (adamw: the fast recipe's)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-dtype", default="float32", choices=["float32", "bfloat16"], help=argparse.SUPPRESS)
+    parser.add_argument("--child-channels-last", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -183,27 +194,37 @@ def allocator_configs():
 
 
 def step_child(args):
-    """One warm-up and ``--steps`` timed training steps in this process; prints one JSON line."""
+    """One warm-up and ``--steps`` timed training steps in this process (the optimiser, autocast dtype and memory
+    format of the ``--opt`` / ``--child-*`` flags, as train.py sets them up); prints one JSON line."""
     import torch
 
     import src
+    from train_utils.recipes import build_optimizer
     from train_utils.train_and_eval import criterion
 
     torch.manual_seed(0)
     model = src.build_model("unet", num_classes=2, base_c=args.base_c).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    lr, wd = (0.01, 1e-4) if args.opt == "sgd" else (2e-3, 1e-2)
+    optimizer = build_optimizer(model.parameters(), args.opt, lr, 0.9, wd)
     image = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size)
     target = (torch.rand(args.batch_size, args.crop_size, args.crop_size) < 0.12).long()
     target[:, :, : args.crop_size // 8] = 255  # an ignored band, as outside the FOV
     weight = torch.tensor([1.0, 2.0])
+    if args.child_channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        image = image.contiguous(memory_format=torch.channels_last)
+    bf16 = args.child_dtype == "bfloat16"
 
     def step():
-        loss = criterion(model(image), target, weight, num_classes=2, ignore_index=255)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(image)["out"]
+            loss = criterion({"out": logits}, target, weight, num_classes=2, ignore_index=255)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        return logits
 
-    step()  # warm-up: the optimizer's buffers, the first touch of everything
+    logits = step()  # warm-up: the optimizer's buffers, the first touch of everything
     times = []
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(args.steps):
@@ -212,14 +233,15 @@ def step_child(args):
         times.append(time.perf_counter() - t)
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"step_s": statistics.median(times), "sys_s": (r1.ru_stime - r0.ru_stime) / args.steps,
-                      "faults": (r1.ru_minflt - r0.ru_minflt) / args.steps, "peak_mb": r1.ru_maxrss / 1024}))
+                      "faults": (r1.ru_minflt - r0.ru_minflt) / args.steps, "peak_mb": r1.ru_maxrss / 1024,
+                      "logits": str(logits.dtype).replace("torch.", ""),
+                      "channels_last": logits.is_contiguous(memory_format=torch.channels_last)}))
 
 
 def run_allocators(args):
     configs = allocator_configs()
     samples = {label: [] for label, _, _ in configs}
-    argv = [sys.executable, os.path.abspath(__file__), "--mode", "allocators", "--child", "--steps", str(args.steps),
-            "-b", str(args.batch_size), "--crop-size", str(args.crop_size), "--base-c", str(args.base_c)]
+    argv = step_child_argv(args)
     for r in range(args.rounds):
         for label, lib, extra in (configs if r % 2 == 0 else configs[::-1]):
             env = clean_env(**extra, **({"LD_PRELOAD": lib} if lib else {}))
@@ -237,6 +259,47 @@ def run_allocators(args):
               f"{max(x['step_s'] for x in xs):.2f}) | {med['sys_s']:.2f} | {med['faults']:,.0f} | "
               f"{med['peak_mb']:.0f} | {base / med['step_s']:.2f}x |")
     return samples
+
+
+def step_child_argv(args):
+    return [sys.executable, os.path.abspath(__file__), "--child", "--steps", str(args.steps), "-b",
+            str(args.batch_size), "--crop-size", str(args.crop_size), "--base-c", str(args.base_c), "--opt", args.opt]
+
+
+# ---------------------------------------------------------------------------
+# --mode precision
+
+PRECISIONS = (("float32", "NCHW"), ("float32", "channels_last"), ("bfloat16", "NCHW"), ("bfloat16", "channels_last"))
+
+
+def run_precisions(args):
+    """One training step on the CPU in float32 and under bfloat16 autocast, each in NCHW and channels_last, with
+    the allocator train.py would preload (tcmalloc when installed); ratios against float32 NCHW, the default."""
+    from train_utils.train_and_eval import cpu_has_native_bf16
+
+    lib = find_tcmalloc()
+    env = clean_env(**({"LD_PRELOAD": lib} if lib else {}))
+    print(f"allocator {'tcmalloc' if lib else 'glibc'}; bfloat16 hardware (AMX or AVX512-BF16): "
+          f"{'yes' if cpu_has_native_bf16() else 'no'}; optimiser {args.opt}", flush=True)
+    samples = {config: [] for config in PRECISIONS}
+    for r in range(args.rounds):
+        for dtype, layout in (PRECISIONS if r % 2 == 0 else PRECISIONS[::-1]):
+            argv = step_child_argv(args) + ["--child-dtype", dtype]
+            if layout == "channels_last":
+                argv.append("--child-channels-last")
+            _, _, out = run_measured(argv, env)
+            samples[dtype, layout].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"round {r + 1} {dtype}, {layout}: {samples[dtype, layout][-1]}", flush=True)
+    base = statistics.median(x["step_s"] for x in samples[PRECISIONS[0]])
+    print("\n| precision | memory format | s / step, median (range) | speed-up vs float32 NCHW | peak RSS (MB) |")
+    print("| --- | --- | --- | --- | --- |")
+    for dtype, layout in PRECISIONS:
+        steps = [x["step_s"] for x in samples[dtype, layout]]
+        med = statistics.median(steps)
+        peak = statistics.median(x["peak_mb"] for x in samples[dtype, layout])
+        print(f"| {dtype} | {layout} | {med:.2f} ({min(steps):.2f}-{max(steps):.2f}) | {base / med:.2f}x | "
+              f"{peak:.0f} |")
+    return {f"{dtype}, {layout}": xs for (dtype, layout), xs in samples.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -358,6 +421,8 @@ def main():
           f"mode {args.mode}, device {args.device}{sizes}", flush=True)
     if args.mode == "allocators":
         samples = run_allocators(args)
+    elif args.mode == "precision":
+        samples = run_precisions(args)
     elif args.mode == "recipes":
         with tempfile.TemporaryDirectory() as tmp:
             root = args.data_path

@@ -250,3 +250,21 @@ def test_benchmark_recipes_mode_end_to_end(tmp_path):
     assert "| tutorial | 2 |" in r.stdout and "| fast | 3 |" in r.stdout
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size[0] > 300
+
+
+def test_benchmark_precision_mode_times_each_configuration(tmp_path):
+    out_json = tmp_path / "precision.json"
+    r = run_script("benchmarks/benchmark.py", "--mode", "precision", "--rounds", 1, "--steps", 1, "-b", 1,
+                   "--crop-size", 32, "--base-c", 4, "--opt", "adamw", "--json", out_json, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(out_json) as f:
+        samples = json.load(f)["samples"]
+    assert set(samples) == {"float32, NCHW", "float32, channels_last", "bfloat16, NCHW", "bfloat16, channels_last"}
+    for config, (sample,) in samples.items():
+        dtype, layout = config.split(", ")
+        # Each process really trained as named: the logits' dtype under autocast, and their memory format.
+        assert sample["logits"] == dtype and sample["channels_last"] == (layout == "channels_last"), config
+        assert sample["step_s"] > 0
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| float32 |") or line.startswith("| bfloat16 |")]
+    assert len(rows) == 4 and rows[0].startswith("| float32 | NCHW |") and "| 1.00x |" in rows[0]
+    assert ("bfloat16 hardware (AMX or AVX512-BF16): " + ("yes" if cpu_has_native_bf16() else "no")) in r.stdout

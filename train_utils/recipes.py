@@ -30,8 +30,8 @@ RUN_KEYS = ("recipe",) + tuple(sorted({k for r in RECIPES.values() for k in r} -
 
 def fast_width(amp_dtype):
     """``--recipe fast``'s U-Net width: the tutorial's 32 where mixed precision runs (a GPU, or a CPU with
-    bfloat16 hardware: a step about 2.3x faster), 16 in float32, where 32 would take about 2.5x the
-    time budget's share of the recipe (measured on DRIVE; README, "Fast recipe")."""
+    bfloat16 hardware, where its step takes about as long as a float32 step at 16), 16 in float32, where
+    32 would take about twice the time of 25 tutorial epochs (README, "Fast recipe")."""
     return 32 if amp_dtype is not None else 16
 
 

@@ -37,8 +37,9 @@ def cpu_has_native_bf16():
     """Does this CPU multiply bfloat16 in hardware (AMX tiles or AVX512-BF16)?
 
     Only there is bfloat16 autocast faster than float32 on the CPU (a U-Net
-    step about 2.3x faster with AMX); elsewhere oneDNN emulates it, slower
-    than float32.
+    training step 2.6-3.6x faster with AMX, in channels_last:
+    ``benchmarks/benchmark.py --mode precision``); elsewhere oneDNN emulates
+    it, slower than float32.
     """
     try:
         return bool(torch.backends.mkldnn.is_available()
