@@ -36,7 +36,7 @@ from train_utils.checkpoint import (CARRIED_KEYS, adopt_checkpoint_args, load_ch
 from train_utils.errors import UserError, run_cli
 from train_utils.files import atomic_write, ensure_writable_folder
 from train_utils.inference import inference_model, size_multiple
-from train_utils.recipes import RECIPES, RUN_KEYS, FlipAverage, RepeatDataset, build_optimizer, fast_width
+from train_utils.recipes import RECIPES, RUN_KEYS, FlipAverage, RepeatDataset, build_optimizer, fast_size
 from train_utils.train_and_eval import autocast_dtype, create_lr_scheduler, evaluate, train_one_epoch
 from train_utils.transforms import BASE_SIZE, CROP_SIZE, DATASET_MEAN_STD, DRIVE_MEAN, DRIVE_STD, get_transform
 from train_utils.vessel_metrics import VesselMetrics, format_metrics
@@ -72,7 +72,8 @@ def get_args_parser(add_help=True):
                         help="U-Net width (channels of the first stage; --recipe fast: 32 with AMP, else 16)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     parser.add_argument("-b", "--batch-size", default=4, type=int, help="images per step (per process under DDP)")
-    parser.add_argument("--epochs", default=200, type=int, metavar="N", help="number of total epochs to train")
+    parser.add_argument("--epochs", default=200, type=int, metavar="N",
+                        help="number of total epochs to train (--recipe fast: 60 with AMP, else 50)")
     parser.add_argument("-j", "--workers", default=None, type=int,
                         help="data-loading worker processes (default: 0 on the CPU, else min(cpus, batch size, 8))")
     parser.add_argument("--lr", default=0.01, type=float, help="initial learning rate")
@@ -357,8 +358,10 @@ def main(args):
                               keys=CARRIED_KEYS if args.test_only else CARRIED_KEYS + RESUMED_KEYS,
                               overridable=RUN_KEYS)
     amp_dtype = autocast_dtype(device, args.amp, args.amp_dtype)
-    if args.base_c is None:  # --recipe fast: the width its time budget allows at this precision
-        args.base_c = fast_width(amp_dtype)
+    if args.base_c is None or args.epochs is None:  # --recipe fast: what its time budget allows at this precision
+        base_c, epochs = fast_size(amp_dtype)
+        args.base_c = base_c if args.base_c is None else args.base_c
+        args.epochs = epochs if args.epochs is None else args.epochs
     set_default_normalisation(args)
     print(argparse.Namespace(**plain_args(args)))
     seed_and_tune(args, device)

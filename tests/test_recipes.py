@@ -12,7 +12,7 @@ from PIL import Image
 import train
 from my_dataset import DriveDataset
 from tests.conftest import TINY_TRAIN, run_script, spread_output
-from train_utils.recipes import RECIPES, FlipAverage, RepeatDataset, fast_width
+from train_utils.recipes import RECIPES, FlipAverage, RepeatDataset, fast_size
 from train_utils import train_and_eval
 from train_utils.train_and_eval import autocast_dtype, cpu_has_native_bf16, create_lr_scheduler
 from train_utils.transforms import get_transform
@@ -73,8 +73,9 @@ def test_amp_auto_is_on_only_where_it_is_faster(monkeypatch):
 
     assert parse().amp is False and parse("--amp").amp is True
     assert parse("--recipe", "fast").amp == "auto" and parse("--recipe", "fast", "--no-amp").amp is False
-    # The fast recipe's width follows the precision: the tutorial's 32 with AMP, 16 in float32.
-    assert fast_width(torch.bfloat16) == fast_width(torch.float16) == 32 and fast_width(None) == 16
+    # The fast recipe's width and length follow the precision: the tutorial's width 32 and 60 epochs with AMP,
+    # width 16 and 50 epochs in float32.
+    assert fast_size(torch.bfloat16) == fast_size(torch.float16) == (32, 60) and fast_size(None) == (16, 50)
 
 
 @pytest.mark.parametrize("amp", ["auto", "--no-amp", "--amp"])
@@ -82,11 +83,13 @@ def test_fast_recipe_width_is_decided_by_the_precision(drive_root, tmp_path, amp
     out = tmp_path / "fast"
     flags = [] if amp == "auto" else [amp]
     tiny = [a for a in TINY_TRAIN if a not in ("--base-c", "4")]  # the width is the recipe's to choose
+    # --stop-epoch 0: one epoch of the recipe's own schedule, whose length the recipe also chooses.
     r = run_script("train.py", "--data-path", drive_root, "--output-dir", out, "--recipe", "fast", *tiny, *flags,
-                   "--epochs", 1, "--crops-per-image", 1, "--no-eval-tta", "--no-plots")
+                   "--stop-epoch", 0, "--crops-per-image", 1, "--no-eval-tta", "--no-plots")
     assert r.returncode == 0, r.stderr
     bf16 = {"auto": cpu_has_native_bf16(), "--no-amp": False, "--amp": True}[amp]
-    assert torch.load(out / "checkpoint.pth", weights_only=True)["args"]["base_c"] == (32 if bf16 else 16)
+    saved = torch.load(out / "checkpoint.pth", weights_only=True)["args"]
+    assert (saved["base_c"], saved["epochs"]) == ((32, 60) if bf16 else (16, 50))
     assert ("training in bfloat16 autocast, channels_last" if bf16 else "training in float32, NCHW") in r.stdout
 
 
