@@ -73,7 +73,7 @@ def get_args_parser(add_help=True):
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     parser.add_argument("-b", "--batch-size", default=4, type=int, help="images per step (per process under DDP)")
     parser.add_argument("--epochs", default=200, type=int, metavar="N",
-                        help="number of total epochs to train (--recipe fast: 60 with AMP, else 50)")
+                        help="number of total epochs to train (--recipe fast: 50)")
     parser.add_argument("-j", "--workers", default=None, type=int,
                         help="data-loading worker processes (default: 0 on the CPU, else min(cpus, batch size, 8))")
     parser.add_argument("--lr", default=0.01, type=float, help="initial learning rate")

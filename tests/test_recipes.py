@@ -73,9 +73,8 @@ def test_amp_auto_is_on_only_where_it_is_faster(monkeypatch):
 
     assert parse().amp is False and parse("--amp").amp is True
     assert parse("--recipe", "fast").amp == "auto" and parse("--recipe", "fast", "--no-amp").amp is False
-    # The fast recipe's width and length follow the precision: the tutorial's width 32 and 60 epochs with AMP,
-    # width 16 and 50 epochs in float32.
-    assert fast_size(torch.bfloat16) == fast_size(torch.float16) == (32, 60) and fast_size(None) == (16, 50)
+    # The fast recipe's width follows the precision: the tutorial's 32 with AMP, 16 in float32; 50 epochs both.
+    assert fast_size(torch.bfloat16) == fast_size(torch.float16) == (32, 50) and fast_size(None) == (16, 50)
 
 
 @pytest.mark.parametrize("amp", ["auto", "--no-amp", "--amp"])
@@ -89,7 +88,7 @@ def test_fast_recipe_width_is_decided_by_the_precision(drive_root, tmp_path, amp
     assert r.returncode == 0, r.stderr
     bf16 = {"auto": cpu_has_native_bf16(), "--no-amp": False, "--amp": True}[amp]
     saved = torch.load(out / "checkpoint.pth", weights_only=True)["args"]
-    assert (saved["base_c"], saved["epochs"]) == ((32, 60) if bf16 else (16, 50))
+    assert (saved["base_c"], saved["epochs"]) == ((32, 50) if bf16 else (16, 50))
     assert ("training in bfloat16 autocast, channels_last" if bf16 else "training in float32, NCHW") in r.stdout
 
 
