@@ -360,8 +360,7 @@ def main(args):
     amp_dtype = autocast_dtype(device, args.amp, args.amp_dtype)
     if args.base_c is None or args.epochs is None:  # --recipe fast: what its time budget allows at this precision
         base_c, epochs = fast_size(amp_dtype)
-        args.base_c = base_c if args.base_c is None else args.base_c
-        args.epochs = epochs if args.epochs is None else args.epochs
+        args.base_c, args.epochs = args.base_c or base_c, args.epochs or epochs  # typed values (>= 1) stay
     set_default_normalisation(args)
     print(argparse.Namespace(**plain_args(args)))
     seed_and_tune(args, device)

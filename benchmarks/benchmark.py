@@ -238,16 +238,23 @@ def step_child(args):
                       "channels_last": logits.is_contiguous(memory_format=torch.channels_last)}))
 
 
-def run_allocators(args):
-    configs = allocator_configs()
-    samples = {label: [] for label, _, _ in configs}
-    argv = step_child_argv(args)
-    for r in range(args.rounds):
-        for label, lib, extra in (configs if r % 2 == 0 else configs[::-1]):
-            env = clean_env(**extra, **({"LD_PRELOAD": lib} if lib else {}))
+def run_step_children(runs, rounds):
+    """``runs`` is [(label, argv, env)] of step_child processes: ``rounds`` interleaved rounds, the order
+    reversed every other round; returns {label: [each round's JSON sample]}."""
+    samples = {label: [] for label, _, _ in runs}
+    for r in range(rounds):
+        for label, argv, env in (runs if r % 2 == 0 else runs[::-1]):
             _, _, out = run_measured(argv, env)
             samples[label].append(json.loads(out.strip().splitlines()[-1]))
             print(f"round {r + 1} {label}: {samples[label][-1]}", flush=True)
+    return samples
+
+
+def run_allocators(args):
+    configs = allocator_configs()
+    samples = run_step_children([(label, step_child_argv(args),
+                                  clean_env(**extra, **({"LD_PRELOAD": lib} if lib else {})))
+                                 for label, lib, extra in configs], args.rounds)
     base = statistics.median(x["step_s"] for x in samples[configs[0][0]])
     print("\n| allocator | s / step, median (range) | system s / step | minor page faults / step | peak RSS (MB) "
           "| step speed-up |")
@@ -281,25 +288,19 @@ def run_precisions(args):
     env = clean_env(**({"LD_PRELOAD": lib} if lib else {}))
     print(f"allocator {'tcmalloc' if lib else 'glibc'}; bfloat16 hardware (AMX or AVX512-BF16): "
           f"{'yes' if cpu_has_native_bf16() else 'no'}; optimiser {args.opt}", flush=True)
-    samples = {config: [] for config in PRECISIONS}
-    for r in range(args.rounds):
-        for dtype, layout in (PRECISIONS if r % 2 == 0 else PRECISIONS[::-1]):
-            argv = step_child_argv(args) + ["--child-dtype", dtype]
-            if layout == "channels_last":
-                argv.append("--child-channels-last")
-            _, _, out = run_measured(argv, env)
-            samples[dtype, layout].append(json.loads(out.strip().splitlines()[-1]))
-            print(f"round {r + 1} {dtype}, {layout}: {samples[dtype, layout][-1]}", flush=True)
-    base = statistics.median(x["step_s"] for x in samples[PRECISIONS[0]])
+    runs = [(f"{dtype}, {layout}", step_child_argv(args) + ["--child-dtype", dtype]
+             + (["--child-channels-last"] if layout == "channels_last" else []), env) for dtype, layout in PRECISIONS]
+    samples = run_step_children(runs, args.rounds)
+    base = statistics.median(x["step_s"] for x in samples[runs[0][0]])
     print("\n| precision | memory format | s / step, median (range) | speed-up vs float32 NCHW | peak RSS (MB) |")
     print("| --- | --- | --- | --- | --- |")
-    for dtype, layout in PRECISIONS:
-        steps = [x["step_s"] for x in samples[dtype, layout]]
+    for (dtype, layout), (label, _, _) in zip(PRECISIONS, runs):
+        steps = [x["step_s"] for x in samples[label]]
         med = statistics.median(steps)
-        peak = statistics.median(x["peak_mb"] for x in samples[dtype, layout])
+        peak = statistics.median(x["peak_mb"] for x in samples[label])
         print(f"| {dtype} | {layout} | {med:.2f} ({min(steps):.2f}-{max(steps):.2f}) | {base / med:.2f}x | "
               f"{peak:.0f} |")
-    return {f"{dtype}, {layout}": xs for (dtype, layout), xs in samples.items()}
+    return samples
 
 
 # ---------------------------------------------------------------------------
@@ -413,6 +414,8 @@ def main():
         args.epochs = 3 if args.device == "cpu" else 12
     if args.rounds < 1 or args.epochs < 2 or args.steps < 1 or args.tutorial_epochs < 1:
         sys.exit("error: --rounds, --steps and --tutorial-epochs must be at least 1, --epochs at least 2")
+    if args.mode == "precision" and args.device != "cpu":
+        sys.exit("error: --mode precision times CPU steps (bfloat16 autocast on the CPU); leave out --device")
     unknown = set(args.configs) - {"a", "b", "b-glibc", "b-mimalloc", "b-tcmalloc"}
     if unknown:
         sys.exit(f"error: unknown --configs {sorted(unknown)}")
