@@ -38,7 +38,8 @@ from train_utils.files import atomic_write, ensure_writable_folder
 from train_utils.inference import inference_model, size_multiple
 from train_utils.recipes import RECIPES, RUN_KEYS, FlipAverage, RepeatDataset, build_optimizer, fast_size
 from train_utils.train_and_eval import autocast_dtype, create_lr_scheduler, evaluate, train_one_epoch
-from train_utils.transforms import BASE_SIZE, CROP_SIZE, DATASET_MEAN_STD, DRIVE_MEAN, DRIVE_STD, get_transform
+from train_utils.transforms import (BASE_SIZE, CROP_SIZE, DATASET_MEAN_STD, DRIVE_MEAN, DRIVE_STD, SCALE_RANGE,
+                                   get_transform)
 from train_utils.vessel_metrics import VesselMetrics, format_metrics
 
 # ``--demo``: a run small enough for a laptop CPU that still learns the synthetic vessels.
@@ -95,8 +96,11 @@ def get_args_parser(add_help=True):
     parser.add_argument("--crop-size", default=None, type=int,
                         help=f"training crop (pixels; default {CROP_SIZE}, or --base-size if smaller)")
     parser.add_argument("--base-size", default=None, type=int,
-                        help=f"random resize of the shorter side to [0.5, 1.2] x this (default: drive {BASE_SIZE}, "
+                        help=f"random resize of the shorter side to --scale-range x this (default: drive {BASE_SIZE}, "
                              "else the median shorter side of the training images)")
+    parser.add_argument("--scale-range", default=SCALE_RANGE, type=float, nargs=2, metavar=("MIN", "MAX"),
+                        help="training images are resized by a random factor in [MIN, MAX] of --base-size "
+                             f"(default {SCALE_RANGE[0]} {SCALE_RANGE[1]}, the tutorial's)")
     parser.add_argument("--mean", default=None, type=float, nargs=3,
                         help=f"default: the dataset's (compute_mean_std.py), DRIVE's {DRIVE_MEAN} for hrf/folder")
     parser.add_argument("--std", default=None, type=float, nargs=3, help=f"default: as --mean; DRIVE's {DRIVE_STD}")
@@ -209,6 +213,8 @@ def check_args(args):
         raise UserError("--val-split and --val-tile-size must be >= 0")
     if not 0 <= args.rotate <= 180:
         raise UserError(f"--rotate must be in [0, 180] degrees (got {args.rotate})")
+    if not 0 < args.scale_range[0] <= args.scale_range[1]:
+        raise UserError(f"--scale-range needs 0 < MIN <= MAX (got {args.scale_range[0]} {args.scale_range[1]})")
     if not 0 <= args.color_jitter < 1:
         raise UserError(f"--color-jitter must be in [0, 1) (got {args.color_jitter})")
 
@@ -292,7 +298,7 @@ def build_datasets(args):
     default_sizes(args, train_dataset)
     train_dataset.transforms = get_transform(True, args.mean, args.std, base_size=args.base_size,
                                              crop_size=args.crop_size, rotate=args.rotate,
-                                             color_jitter=args.color_jitter)
+                                             color_jitter=args.color_jitter, scale_range=args.scale_range)
     return train_dataset, VesselDataset(val, eval_tf, **kw)
 
 
@@ -306,7 +312,8 @@ def default_sizes(args, train_dataset):
             args.base_size = int(np.median([min(hw) for hw in train_dataset.image_sizes()]))
     if args.crop_size is None:
         args.crop_size = min(CROP_SIZE, args.base_size)
-    print(f"training images: random resize of the shorter side to [0.5, 1.2] x {args.base_size}, "
+    lo, hi = args.scale_range
+    print(f"training images: random resize of the shorter side to [{lo:g}, {hi:g}] x {args.base_size}, "
           f"crop {args.crop_size}")
 
 

@@ -29,6 +29,8 @@ DATASET_MEAN_STD = {
 }
 BASE_SIZE = 565
 CROP_SIZE = 480
+# The tutorial resizes the shorter side of a training image to a random [0.5, 1.2] x BASE_SIZE.
+SCALE_RANGE = (0.5, 1.2)
 IGNORE_INDEX = 255
 
 
@@ -146,13 +148,14 @@ class _Preset:
 
 
 class SegmentationPresetTrain(_Preset):
-    """Random resize of the shorter side to [0.5, 1.2] x base_size, (rotation,) h/v flips, random crop,
-    (brightness/contrast/gamma,) normalise. ``rotate`` and ``color_jitter`` are 0 (off) in the tutorial."""
+    """Random resize of the shorter side to [0.5, 1.2] x base_size (``scale_range``), (rotation,) h/v flips,
+    random crop, (brightness/contrast/gamma,) normalise. ``rotate`` and ``color_jitter`` are 0 (off) in the
+    tutorial."""
 
     def __init__(self, base_size=BASE_SIZE, crop_size=CROP_SIZE, hflip_prob=0.5, vflip_prob=0.5,
-                 mean=DRIVE_MEAN, std=DRIVE_STD, rotate=0.0, color_jitter=0.0):
-        min_size = int(0.5 * base_size)
-        max_size = int(1.2 * base_size)
+                 mean=DRIVE_MEAN, std=DRIVE_STD, rotate=0.0, color_jitter=0.0, scale_range=SCALE_RANGE):
+        min_size = int(scale_range[0] * base_size)
+        max_size = int(scale_range[1] * base_size)
         trans = [RandomResize(min_size, max_size)]
         if rotate > 0:
             trans.append(RandomRotate(rotate))
@@ -181,10 +184,10 @@ class SegmentationPresetEval(_Preset):
 
 
 def get_transform(train, mean=DRIVE_MEAN, std=DRIVE_STD, base_size=BASE_SIZE, crop_size=CROP_SIZE, rotate=0.0,
-                  color_jitter=0.0):
+                  color_jitter=0.0, scale_range=SCALE_RANGE):
     if train:
         return SegmentationPresetTrain(base_size, crop_size, mean=mean, std=std, rotate=rotate,
-                                       color_jitter=color_jitter)
+                                       color_jitter=color_jitter, scale_range=scale_range)
     return SegmentationPresetEval(mean=mean, std=std)
 
 
