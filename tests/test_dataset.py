@@ -120,6 +120,21 @@ def test_train_transform_keeps_image_and_mask_aligned():
     assert agree / total > 0.97  # only resize-blurred block edges may disagree
 
 
+@pytest.mark.parametrize("scale_range", [(0.5, 1.2), (0.8, 1.0)])
+def test_train_transform_resizes_within_the_scale_range(scale_range):
+    """The shorter side of a training image lands in [MIN, MAX] x base_size, and the draws reach both ends."""
+    base, (lo, hi) = 100, scale_range
+    t = get_transform(True, mean=(0, 0, 0), std=(1, 1, 1), base_size=base, crop_size=200, scale_range=scale_range)
+    img = torch.full((3, 100, 130), 200, dtype=torch.uint8)  # the crop (200) pads the whole image: nothing cut
+    sides = set()
+    for seed in range(200):
+        torch.manual_seed(seed)
+        _, y = t(img, torch.zeros(100, 130, dtype=torch.uint8))
+        sides.add(int((y != 255).any(dim=1).sum()))  # rows that hold image: the resized shorter side
+    assert int(lo * base) <= min(sides) <= int(lo * base) + 3, sorted(sides)
+    assert int(hi * base) - 3 <= max(sides) <= int(hi * base), sorted(sides)
+
+
 def test_eval_transform_is_convert_and_normalise():
     img = torch.randint(0, 256, (3, 10, 9), dtype=torch.uint8)
     target = torch.randint(0, 2, (10, 9), dtype=torch.uint8)

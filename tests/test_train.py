@@ -87,6 +87,7 @@ def test_demo_flag_sets_cpu_sized_defaults():
     (["-b", "9"], "--batch-size 9 is larger than the 4 training images"),
     (["--device", "cuda:0"], "CUDA is not available"),
     (["--test-only"], "--test-only needs the weights"),
+    (["--scale-range", "1.2", "0.5"], "--scale-range needs 0 < MIN <= MAX"),
 ])
 def test_bad_arguments_are_user_errors(drive_root, tmp_path, argv, message):
     if "cuda" in argv[-1] and torch.cuda.is_available():

@@ -24,8 +24,9 @@ RECIPES = {
 }
 
 # Settings a checkpoint hands on to ``--resume`` / ``--test-only`` when not typed again: everything a recipe
-# decides, so a fast run resumes as a fast run and is evaluated with its flip averaging.
-RUN_KEYS = ("recipe",) + tuple(sorted({k for r in RECIPES.values() for k in r} - {"base_c"}))
+# decides (and the scale range, the other augmentation setting), so a fast run resumes as a fast run and is
+# evaluated with its flip averaging.
+RUN_KEYS = ("recipe",) + tuple(sorted({k for r in RECIPES.values() for k in r} - {"base_c"} | {"scale_range"}))
 
 
 def fast_size(amp_dtype):
