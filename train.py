@@ -120,9 +120,9 @@ def get_args_parser(add_help=True):
                         help="write a small synthetic DRIVE-format sample (if absent) and train on it on the CPU")
     # Recipes (train_utils/recipes.py): --recipe sets defaults for the flags below and some above.
     parser.add_argument("--recipe", default="tutorial", choices=sorted(RECIPES),
-                        help="tutorial: the tutorial's run; fast: AdamW + cosine, 4 crops of 256 per image, rotation and "
-                             "colour jitter, AMP where it is faster (then base_c 32, else 16), flip-averaged "
-                             "validation every 5 epochs "
+                        help="tutorial: the tutorial's run; fast: AdamW + cosine, 4 crops of 256 per image in batches "
+                             "of 4, rotation and colour jitter, AMP where it is faster (then base_c 32, else 16), "
+                             "flip-averaged validation every 10 epochs "
                              "(explicit flags win; with --demo, the demo's sizes win)")
     parser.add_argument("--opt", default="sgd", choices=["sgd", "adamw"], help="optimiser (sgd uses --momentum)")
     parser.add_argument("--lr-schedule", default="poly", choices=["poly", "cosine"],

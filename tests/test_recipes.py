@@ -34,7 +34,7 @@ def test_fast_recipe_sets_its_defaults_and_typed_flags_win():
     # crop_size None: resolved to the tutorial's 480 for DRIVE when the data is read (build_datasets)
     assert (tutorial.lr_schedule, tutorial.crop_size, tutorial.batch_size, tutorial.epochs) == ("poly", None, 4, 200)
     assert (tutorial.crops_per_image, tutorial.rotate, tutorial.color_jitter, tutorial.eval_tta,
-            tutorial.eval_every) == (1, 0.0, 0.0, False, 1)
+            tutorial.eval_every, tuple(tutorial.scale_range)) == (1, 0.0, 0.0, False, 1, (0.5, 1.2))
 
     fast = parse("--recipe", "fast")
     for key, value in RECIPES["fast"].items():
@@ -43,7 +43,7 @@ def test_fast_recipe_sets_its_defaults_and_typed_flags_win():
 
     typed = parse("--recipe", "fast", "--base-c", 32, "--no-eval-tta", "--opt", "sgd", "--epochs", 3)
     assert (typed.base_c, typed.eval_tta, typed.opt, typed.epochs) == (32, False, "sgd", 3)
-    assert typed.lr_schedule == "cosine" and typed.crop_size == 256  # the rest stays the recipe's
+    assert typed.lr_schedule == "cosine" and typed.crop_size == 256 and typed.batch_size == 4  # the recipe's
     assert {"base_c", "eval_tta", "opt", "epochs", "recipe"} <= typed.explicit_flags
 
     # --demo's sizes win over the recipe's; the recipe keeps its optimiser, augmentation and evaluation.

@@ -19,8 +19,8 @@ RECIPES = {
     "tutorial": {},
     # base_c and epochs None: fast_size() decides once the precision is known.
     "fast": dict(base_c=None, opt="adamw", lr=2e-3, weight_decay=1e-2, lr_schedule="cosine",
-                 crop_size=256, batch_size=8, crops_per_image=4, rotate=90.0, color_jitter=0.2,
-                 eval_tta=True, eval_every=5, epochs=None, amp="auto"),
+                 crop_size=256, batch_size=4, crops_per_image=4, rotate=90.0, color_jitter=0.2,
+                 eval_tta=True, eval_every=10, epochs=None, amp="auto"),
 }
 
 # Settings a checkpoint hands on to ``--resume`` / ``--test-only`` when not typed again: everything a recipe
