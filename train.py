@@ -327,8 +327,11 @@ def build_data_loaders(args, device):
     num_workers = default_workers(device, args.batch_size, args.workers)
     pin = device.type == "cuda"
     val_sampler = utils.ShardedEvalSampler(val_dataset) if args.distributed else SequentialSampler(val_dataset)
+    # Every pass over a DataLoader draws a seed for its workers from the loader's generator, or from the global
+    # RNG when it has none: a private one keeps validation out of training's random stream, so how often a run
+    # validates (--eval-every) does not change the model it trains.
     val_loader = DataLoader(val_dataset, batch_size=1, sampler=val_sampler, num_workers=min(num_workers, 2),
-                            pin_memory=pin, collate_fn=VesselDataset.collate_fn)
+                            pin_memory=pin, collate_fn=VesselDataset.collate_fn, generator=torch.Generator())
     if train_dataset is None:
         return None, val_loader
 

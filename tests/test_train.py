@@ -75,6 +75,20 @@ def test_resume_is_exact(drive_root, tmp_path):
     assert read_log(straight)[-1]["train_loss"] == read_log(split)[-1]["train_loss"]
 
 
+def test_validation_does_not_change_the_trained_model(drive_root, tmp_path):
+    """Validating after every epoch or only after the last trains the same weights: validation draws nothing
+    from the random stream that training's crops, flips and shuffles come from."""
+    common = ["--data-path", drive_root, "--epochs", 3, "--deterministic", "--no-plots", *TINY_TRAIN]
+    every, last = tmp_path / "every", tmp_path / "last"
+    train.main(parse(*common, "--output-dir", every, "--eval-every", 1))
+    train.main(parse(*common, "--output-dir", last, "--eval-every", 3))
+    assert [r["epoch"] for r in read_log(every)] == [0, 1, 2] and [r["epoch"] for r in read_log(last)] == [2]
+    a = torch.load(every / "checkpoint.pth", weights_only=True)["model"]
+    b = torch.load(last / "checkpoint.pth", weights_only=True)["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_demo_flag_sets_cpu_sized_defaults():
     args = parse("--demo", "--epochs", "1")
     assert args.epochs == 1 and args.data_path == train.DEMO_DEFAULTS["data_path"]
