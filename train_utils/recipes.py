@@ -1,10 +1,11 @@
 """Training recipes (``--recipe``): named sets of defaults for train.py, and the pieces only a recipe switches on.
 
 ``tutorial`` is the tutorial's run and sets nothing. ``fast`` trains with
-AdamW and a cosine schedule on more, smaller, more varied crops, in mixed
-precision where that is faster, validates rarely and averages flips at
-evaluation. It aims at the tutorial's 200-epoch dice (about 0.80) in the wall
-time of 25 tutorial epochs; README, "Fast recipe", has what it reaches. Its
+AdamW and a cosine schedule on more, smaller, more varied crops in small
+batches (many short steps), in mixed precision where that is faster,
+validates rarely and averages flips at evaluation. It aims at the tutorial's
+200-epoch dice (about 0.80) in the wall time of 25 tutorial epochs; README,
+"Fast recipe", has what it reaches. Its
 choices are standard ones (AdamW at 2e-3 with PyTorch's default weight decay,
 cosine to 0), and its width and length are set by that time budget, not tuned
 to a test set.
@@ -30,11 +31,10 @@ RUN_KEYS = ("recipe",) + tuple(sorted({k for r in RECIPES.values() for k in r} -
 
 
 def fast_size(amp_dtype):
-    """``--recipe fast``'s U-Net width and epochs at this precision, sized to end well inside the time of 25
-    tutorial epochs (0.74-0.92x measured; README, "Fast recipe"): 50 epochs, at the tutorial's width 32 where
-    mixed precision runs (a GPU, or a CPU with bfloat16 hardware, where its step takes about as long as a
-    float32 step at width 16), at width 16 in float32, where 32 would take about twice the time. 60 epochs
-    with AMP took 1.10x in one measured run: too close to the budget on a noisy machine."""
+    """``--recipe fast``'s U-Net width and epochs at this precision, sized to end inside the time of 25 tutorial
+    epochs (0.80x and 0.97x in two measured runs; README, "Fast recipe"): 50 epochs, at the tutorial's width 32
+    where mixed precision runs (a GPU, or a CPU with bfloat16 hardware, where its step takes about as long as
+    a float32 step at width 16), at width 16 in float32, where 32 would take about twice the time."""
     return (32, 50) if amp_dtype is not None else (16, 50)
 
 
