@@ -416,9 +416,9 @@ def test_default_sizes_are_the_tutorials_for_drive_and_the_images_elsewhere():
     for dataset, sizes, expected in (("drive", [(584, 565)], (565, 480)),
                                      ("chase_db1", [(960, 999)] * 3, (960, 480)),
                                      ("folder", [(100, 120), (90, 300), (200, 80)], (90, 90))):
-        args = argparse.Namespace(dataset=dataset, base_size=None, crop_size=None)
+        args = argparse.Namespace(dataset=dataset, base_size=None, crop_size=None, scale_range=(0.5, 1.2))
         train.default_sizes(args, Sized(sizes))
         assert (args.base_size, args.crop_size) == expected, dataset
-    typed = argparse.Namespace(dataset="stare", base_size=300, crop_size=128)
+    typed = argparse.Namespace(dataset="stare", base_size=300, crop_size=128, scale_range=(0.5, 1.2))
     train.default_sizes(typed, Sized([(605, 700)]))
     assert (typed.base_size, typed.crop_size) == (300, 128)

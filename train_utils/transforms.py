@@ -148,13 +148,13 @@ class _Preset:
 
 
 class SegmentationPresetTrain(_Preset):
-    """Random resize of the shorter side to [0.5, 1.2] x base_size (``scale_range``), (rotation,) h/v flips,
-    random crop, (brightness/contrast/gamma,) normalise. ``rotate`` and ``color_jitter`` are 0 (off) in the
-    tutorial."""
+    """Random resize of the shorter side to ``scale_range`` x base_size (the tutorial's [0.5, 1.2]), (rotation,)
+    h/v flips, random crop, (brightness/contrast/gamma,) normalise. ``rotate`` and ``color_jitter`` are 0 (off)
+    in the tutorial."""
 
     def __init__(self, base_size=BASE_SIZE, crop_size=CROP_SIZE, hflip_prob=0.5, vflip_prob=0.5,
                  mean=DRIVE_MEAN, std=DRIVE_STD, rotate=0.0, color_jitter=0.0, scale_range=SCALE_RANGE):
-        min_size = int(scale_range[0] * base_size)
+        min_size = max(1, int(scale_range[0] * base_size))  # a tiny MIN would otherwise resize to nothing
         max_size = int(scale_range[1] * base_size)
         trans = [RandomResize(min_size, max_size)]
         if rotate > 0:
