@@ -36,7 +36,7 @@ from train_utils.checkpoint import (CARRIED_KEYS, adopt_checkpoint_args, load_ch
 from train_utils.errors import UserError, run_cli
 from train_utils.files import atomic_write, ensure_writable_folder
 from train_utils.inference import inference_model, size_multiple
-from train_utils.recipes import RECIPES, RUN_KEYS, FlipAverage, RepeatDataset, build_optimizer, fast_size
+from train_utils.recipes import RECIPES, RUN_KEYS, FlipAverage, RepeatDataset, build_optimizer, fast_width
 from train_utils.train_and_eval import autocast_dtype, create_lr_scheduler, evaluate, train_one_epoch
 from train_utils.transforms import (BASE_SIZE, CROP_SIZE, DATASET_MEAN_STD, DRIVE_MEAN, DRIVE_STD, SCALE_RANGE,
                                    get_transform)
@@ -368,9 +368,8 @@ def main(args):
                               keys=CARRIED_KEYS if args.test_only else CARRIED_KEYS + RESUMED_KEYS,
                               overridable=RUN_KEYS)
     amp_dtype = autocast_dtype(device, args.amp, args.amp_dtype)
-    if args.base_c is None or args.epochs is None:  # --recipe fast: what its time budget allows at this precision
-        base_c, epochs = fast_size(amp_dtype)
-        args.base_c, args.epochs = args.base_c or base_c, args.epochs or epochs  # typed values (>= 1) stay
+    if args.base_c is None:  # --recipe fast: the width its time budget allows at this precision
+        args.base_c = fast_width(amp_dtype)
     set_default_normalisation(args)
     print(argparse.Namespace(**plain_args(args)))
     seed_and_tune(args, device)

@@ -7,7 +7,7 @@ and the dice against wall time of the two recipes (``--mode recipes``).
     python benchmarks/benchmark.py --configs a b b-glibc       # also train.py with glibc's malloc
     python benchmarks/benchmark.py --device cuda --b-args="--amp"            # on a GPU, (b) with AMP
     python benchmarks/benchmark.py --mode allocators           # one training step under each memory allocator
-    python benchmarks/benchmark.py --mode precision -b 8 --crop-size 256 --opt adamw   # float32 / bfloat16 step
+    python benchmarks/benchmark.py --mode precision -b 4 --crop-size 256 --opt adamw   # float32 / bfloat16 step
     python benchmarks/benchmark.py --mode recipes --data-path ROOT --plot docs/recipes.png   # --recipe fast vs tutorial
 
 ``--mode epoch`` runs whole processes, one configuration at a time, each as
@@ -30,7 +30,7 @@ system time, minor page faults and peak memory.
 
 ``--mode precision`` times one training step on the CPU, likewise one fresh
 process per configuration: float32 and bfloat16 autocast, each in NCHW and
-channels_last (``-b 8 --crop-size 256 --opt adamw`` is the fast recipe's
+channels_last (``-b 4 --crop-size 256 --opt adamw`` is the fast recipe's
 step). bfloat16 is only faster on CPUs with bfloat16 hardware (AMX,
 AVX512-BF16), which the mode reports.
 
@@ -199,12 +199,13 @@ def step_child(args):
     import torch
 
     import src
-    from train_utils.recipes import build_optimizer
+    from train_utils.recipes import RECIPES, build_optimizer
     from train_utils.train_and_eval import criterion
 
     torch.manual_seed(0)
     model = src.build_model("unet", num_classes=2, base_c=args.base_c).train()
-    lr, wd = (0.01, 1e-4) if args.opt == "sgd" else (2e-3, 1e-2)
+    fast = RECIPES["fast"]  # adamw: the fast recipe's settings; sgd: the tutorial's
+    lr, wd = (0.01, 1e-4) if args.opt == "sgd" else (fast["lr"], fast["weight_decay"])
     optimizer = build_optimizer(model.parameters(), args.opt, lr, 0.9, wd)
     image = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size)
     target = (torch.rand(args.batch_size, args.crop_size, args.crop_size) < 0.12).long()

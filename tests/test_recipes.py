@@ -12,7 +12,7 @@ from PIL import Image
 import train
 from my_dataset import DriveDataset
 from tests.conftest import TINY_TRAIN, run_script, spread_output
-from train_utils.recipes import RECIPES, FlipAverage, RepeatDataset, fast_size
+from train_utils.recipes import RECIPES, FlipAverage, RepeatDataset, fast_width
 from train_utils import train_and_eval
 from train_utils.train_and_eval import autocast_dtype, cpu_has_native_bf16, create_lr_scheduler
 from train_utils.transforms import get_transform
@@ -74,7 +74,8 @@ def test_amp_auto_is_on_only_where_it_is_faster(monkeypatch):
     assert parse().amp is False and parse("--amp").amp is True
     assert parse("--recipe", "fast").amp == "auto" and parse("--recipe", "fast", "--no-amp").amp is False
     # The fast recipe's width follows the precision: the tutorial's 32 with AMP, 16 in float32; 50 epochs both.
-    assert fast_size(torch.bfloat16) == fast_size(torch.float16) == (32, 50) and fast_size(None) == (16, 50)
+    assert fast_width(torch.bfloat16) == fast_width(torch.float16) == 32 and fast_width(None) == 16
+    assert RECIPES["fast"]["epochs"] == 50
 
 
 @pytest.mark.parametrize("amp", ["auto", "--no-amp", "--amp"])
