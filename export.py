@@ -30,6 +30,7 @@ import warnings
 import torch
 from torch import nn
 
+import src
 from train_utils import extras
 from train_utils.checkpoint import model_from_checkpoint
 from train_utils.errors import UserError, run_cli
@@ -101,7 +102,6 @@ def load_for_export(weights):
     net = LogitsOnly(inference_model(model, channels_last=False)).eval()
     # The checkpoint's own ``args`` keys and meanings, so model_kwargs() reads them back unchanged.
     meta = {"model": kwargs["model"], "num_classes": kwargs["num_classes"] - 1, "base_c": kwargs["base_c"],
-            "bilinear": kwargs["bilinear"], "in_channels": kwargs["in_channels"],
             "mean": [float(v) for v in (saved.get("mean") or DRIVE_MEAN)],
             "std": [float(v) for v in (saved.get("std") or DRIVE_STD)],
             "epoch": ckpt.get("epoch"), "best_dice": ckpt.get("best_dice"),
@@ -110,23 +110,16 @@ def load_for_export(weights):
     return net, meta
 
 
-def min_size(model_name):
-    """Smallest height and width the export accepts: the deepest feature map must be at least 2 pixels,
-    since ``align_corners=True`` upsampling of a single pixel is a special case torch.export will not
-    generalise over."""
-    return 32 if model_name == "unet" else 64
-
-
 def example_inputs(model_name):
     """(example batch for tracing, odd-sized batch for the check). The example's batch of 2 and even,
     non-minimal size keep torch.export from specialising any dimension."""
-    m = min_size(model_name)
+    m = src.model_spec(model_name).min_size  # the deepest feature map >= 2 px: see src.ModelSpec
     return torch.randn(2, 3, 2 * m, 2 * m), torch.randn(1, 3, m + 13, m + 29)
 
 
 def dynamic_shapes(model_name):
     """torch.export's spec for the one input: batch, height and width are free."""
-    m = min_size(model_name)
+    m = src.model_spec(model_name).min_size  # the deepest feature map >= 2 px: see src.ModelSpec
     return ({0: torch.export.Dim("batch", min=1, max=1024), 2: torch.export.Dim("height", min=m),
              3: torch.export.Dim("width", min=m)},)
 
@@ -197,8 +190,8 @@ def main(args):
         extras.require("exporting to ONNX", "onnx", "onnxscript")
     ensure_writable_folder(os.path.dirname(os.path.abspath(out)), f"--output '{out}'")
     net, meta = load_for_export(args.weights)
-    print(f"exporting {meta['model']} ({meta['num_classes'] + 1} classes incl. background"
-          + (f", base_c {meta['base_c']}" if meta["model"] == "unet" else "") + f") from '{args.weights}' to {fmt}")
+    print(f"exporting {src.describe(meta['model'], meta['num_classes'] + 1, meta['base_c'])} "
+          f"from '{args.weights}' to {fmt}")
     torch.manual_seed(0)  # the same example and check inputs every time
     # An existing --output is replaced only by a complete file that passed its check.
     if fmt == "onnx":

@@ -35,11 +35,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+import src
+
 from my_dataset import IMAGE_EXTS, image_size, is_image_name, palette_image, read_binary, read_image, split_ext
 from train_utils.checkpoint import model_from_checkpoint
 from train_utils.distributed_utils import resolve_device
 from train_utils.errors import UserError, run_cli
-from train_utils.inference import estimate_fov, inference_model, predict_probabilities, size_multiple
+from train_utils.inference import estimate_fov, inference_model, predict_probabilities
 from train_utils.train_and_eval import autocast_dtype
 from train_utils.transforms import DRIVE_MEAN, DRIVE_STD
 
@@ -238,8 +240,7 @@ def main(args):
     mean = saved.get("mean") or list(DRIVE_MEAN)
     std = saved.get("std") or list(DRIVE_STD)
     amp_dtype = autocast_dtype(device, args.amp)
-    print(f"using {device.type} device; model {kwargs['model']} ({kwargs['num_classes']} classes incl. background"
-          + (f", base_c {kwargs['base_c']}" if kwargs["model"] == "unet" else "") + f") from '{args.weights}'")
+    print(f"using {device.type} device; model {src.describe(**kwargs)} from '{args.weights}'")
     if args.roi_mask is None:
         print("no --roi-mask given: the field of view is estimated from each image's dark border")
 
@@ -251,8 +252,8 @@ def main(args):
         batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
         probs, tiles = predict_probabilities(
             model, batch, mean, std, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
-            batch_size=args.batch_size, multiple=size_multiple(kwargs["model"]), amp_dtype=amp_dtype, tta=args.tta,
-            channels_last=args.channels_last)
+            batch_size=args.batch_size, multiple=src.model_spec(kwargs["model"]).size_multiple, amp_dtype=amp_dtype,
+            tta=args.tta, channels_last=args.channels_last)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         shared = (time.perf_counter() - t0) / len(group)  # reading and predicting, shared by the batch

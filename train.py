@@ -35,12 +35,12 @@ from train_utils.checkpoint import (CARRIED_KEYS, adopt_checkpoint_args, load_ch
                                     safe_load, save_epoch)
 from train_utils.errors import UserError, run_cli
 from train_utils.files import atomic_write, ensure_writable_folder
-from train_utils.inference import inference_model, size_multiple
+from train_utils.inference import inference_model
 from train_utils.recipes import RECIPES, RUN_KEYS, FlipAverage, RepeatDataset, build_optimizer, fast_width
 from train_utils.train_and_eval import autocast_dtype, create_lr_scheduler, evaluate, train_one_epoch
 from train_utils.transforms import (BASE_SIZE, CROP_SIZE, DATASET_MEAN_STD, DRIVE_MEAN, DRIVE_STD, SCALE_RANGE,
                                    get_transform)
-from train_utils.vessel_metrics import VesselMetrics, format_metrics
+from train_utils.metrics import VesselMetrics, format_metrics
 
 # ``--demo``: a run small enough for a laptop CPU that still learns the synthetic vessels.
 # Flags given on the command line win over these.
@@ -180,7 +180,7 @@ def explicit_flags(parser, argv=None):
 def create_model(num_classes, base_c=32, model="unet", pretrained_backbone=""):
     """The model for ``num_classes`` outputs (background included)."""
     try:
-        net = src.build_model(model=model, num_classes=num_classes, in_channels=3, base_c=base_c)
+        net = src.build_model(model=model, num_classes=num_classes, base_c=base_c)
     except ValueError as e:
         raise UserError(str(e)) from None
     if pretrained_backbone:
@@ -391,7 +391,7 @@ def main(args):
         print(f"loaded '{args.resume}' (epoch {checkpoint.get('epoch', '?')})")
         rows = []
         _, dice, vessel = report_validation(model, val_loader, device, num_classes, args.channels_last,
-                                            args.eval_tta, args.val_tile_size, size_multiple(args.model),
+                                            args.eval_tta, args.val_tile_size, src.model_spec(args.model).size_multiple,
                                             per_image=rows)
         rows = gather_image_rows(val_loader, rows)
         if utils.is_main_process():
@@ -436,7 +436,7 @@ def main(args):
         is_best = False
         if validate:
             confmat, dice, vessel = report_validation(model, val_loader, device, num_classes, args.channels_last,
-                                                      args.eval_tta, args.val_tile_size, size_multiple(args.model))
+                                                      args.eval_tta, args.val_tile_size, src.model_spec(args.model).size_multiple)
             is_best = dice > best_dice
             best_dice = max(best_dice, dice)
         record = None

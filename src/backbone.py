@@ -25,8 +25,6 @@ class BackboneUNet(nn.Module):
     """
 
     in_channels = 3
-    pretrained_mean = IMAGENET_MEAN
-    pretrained_std = IMAGENET_STD
     weights_name = ""  # torchvision's name for the classifier, for messages
 
     def __init__(self, features: nn.Sequential, stage_indices: Sequence[int], stage_out_channels: Sequence[int],

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from src import IMAGENET_MEAN, IMAGENET_STD, MODEL_NAMES, MobileV3Unet, UNet, VGG16UNet, build_model
+from src import MODEL_NAMES, MobileV3Unet, UNet, VGG16UNet, build_model
+import src
 from train import load_backbone_file as load_backbone_weights  # the file, read as --pretrained-backbone reads it
 from tests.conftest import ROOT
 from train_utils.errors import UserError
@@ -51,14 +52,14 @@ def test_every_parameter_gets_a_gradient(model):
 
 def test_build_model_by_name():
     assert MODEL_NAMES == ("unet", "vgg16_unet", "mobilenet_v3_unet")
-    unet = build_model("unet", num_classes=3, base_c=8, bilinear=False)
-    assert isinstance(unet, UNet) and unet.num_classes == 3 and not unet.bilinear
+    unet = build_model("unet", num_classes=3, base_c=8)
+    assert isinstance(unet, UNet) and unet.num_classes == 3 and unet.bilinear and unet.in_conv[0].out_channels == 8
     assert isinstance(build_model("vgg16_unet", num_classes=2), VGG16UNet)
-    mobile = build_model("mobilenet_v3_unet", num_classes=4, base_c=8, bilinear=False)  # both ignored
+    mobile = build_model("mobilenet_v3_unet", num_classes=4, base_c=8)  # base_c does not apply
     assert isinstance(mobile, MobileV3Unet) and mobile.conv[0].out_channels == 4
-    assert mobile.pretrained_mean == IMAGENET_MEAN and mobile.pretrained_std == IMAGENET_STD
-    with pytest.raises(ValueError, match="in_channels"):
-        build_model("mobilenet_v3_unet", in_channels=1)
+    assert [m for m, spec in src.MODELS.items() if spec.uses_base_c] == ["unet"]
+    assert {m: spec.size_multiple for m, spec in src.MODELS.items()} == {"unet": 16, "vgg16_unet": 32,
+                                                                      "mobilenet_v3_unet": 32}
     with pytest.raises(ValueError, match="unknown model"):
         build_model("resnet_unet")
     with pytest.raises(ValueError, match="applies to vgg16_unet and mobilenet_v3_unet"):

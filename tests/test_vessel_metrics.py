@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from train_utils.vessel_metrics import VesselMetrics
+from train_utils.metrics import VesselMetrics
 
 IGNORE = 255
 # (batch, height, width, logits dtype) per update(): different sizes, a batch of 1, several dtypes.

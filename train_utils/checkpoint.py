@@ -23,7 +23,7 @@ from .files import atomic_write
 
 # What a checkpoint's ``args`` must hold to rebuild its model, with the value assumed when absent
 # (the tutorial saved no model name or width: its model is the bilinear U-Net with base_c=32).
-MODEL_KEYS = {"model": "unet", "num_classes": 1, "base_c": 32, "bilinear": True, "in_channels": 3}
+MODEL_KEYS = {"model": "unet", "num_classes": 1, "base_c": 32}
 # The settings a run takes from the checkpoint it resumes or evaluates: the model and its normalisation.
 CARRIED_KEYS = ("model", "base_c", "num_classes", "mean", "std")
 
@@ -47,8 +47,7 @@ def model_kwargs(args: dict):
     does; the model has one more output channel for the background.
     """
     a = {k: args.get(k, default) for k, default in MODEL_KEYS.items()}
-    return {"model": a["model"], "num_classes": int(a["num_classes"]) + 1, "in_channels": int(a["in_channels"]),
-            "base_c": int(a["base_c"]), "bilinear": bool(a["bilinear"])}
+    return {"model": a["model"], "num_classes": int(a["num_classes"]) + 1, "base_c": int(a["base_c"])}
 
 
 def _comparable(value):
@@ -146,9 +145,10 @@ def model_from_checkpoint(path, purpose="predict.py reads RGB photographs"):
     (this project's or the tutorial's), so nothing is retyped by hand.
     """
     ckpt = load_checkpoint(path, map_location="cpu")
-    kwargs = model_kwargs(ckpt.get("args", {}))
-    if kwargs["in_channels"] != 3:
-        raise UserError(f"checkpoint '{path}' is for {kwargs['in_channels']}-channel input; {purpose}")
+    saved = ckpt.get("args", {})
+    if saved.get("in_channels", 3) != 3:  # the tutorial's UNet takes any channel count; these scripts read RGB
+        raise UserError(f"checkpoint '{path}' is for {saved['in_channels']}-channel input; {purpose}")
+    kwargs = model_kwargs(saved)
     try:
         model = src.build_model(**kwargs)
     except ValueError as e:

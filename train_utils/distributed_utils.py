@@ -1,4 +1,4 @@
-"""Process and device set-up, logging meters, and the validation metrics that reduce across processes.
+"""Process and device set-up and logging meters (the tutorial's ``utils``), with its metrics re-exported.
 
 Every helper works the same with and without ``torch.distributed``: on one
 process the reductions are no-ops, under DDP they all-reduce on the device the
@@ -13,9 +13,7 @@ from collections import defaultdict, deque
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from .dice_coefficient_loss import build_target, dice_per_item
 from .errors import UserError
 
 
@@ -298,113 +296,14 @@ class MetricLogger:
         print(f"{header} Total time: {total_str} ({total_time / max(total, 1):.4f} s / it)", flush=True)
 
 
-# ---------------------------------------------------------------------------
-# validation metrics: accumulated on the device, one all-reduce each
 
+def __getattr__(name):
+    """The tutorial's ``utils.ConfusionMatrix`` and ``utils.DiceCoefficient``, which live in metrics.py.
 
-class ConfusionMatrix:
-    """Pixel confusion matrix (rows: target, columns: prediction); targets outside [0, n) are ignored."""
-
-    def __init__(self, num_classes):
-        self.num_classes = num_classes
-        self.mat = None
-
-    def update(self, a, b):
-        """``a``: target class indices, ``b``: predicted indices, any shape (flattened)."""
-        n = self.num_classes
-        a = a.reshape(-1).to(torch.int64)
-        b = b.reshape(-1).to(torch.int64)
-        if self.mat is None:
-            self.mat = torch.zeros((n, n), dtype=torch.int64, device=a.device)
-        with torch.no_grad():
-            # Ignored pixels go to an extra bin that is dropped: boolean indexing and bincount
-            # would both wait for the host on CUDA.
-            valid = (a >= 0) & (a < n)
-            inds = torch.where(valid, n * a + b, n * n)
-            counts = torch.zeros(n * n + 1, dtype=torch.int64, device=a.device)
-            counts.index_add_(0, inds, torch.ones_like(inds))
-            self.mat += counts[: n * n].view(n, n)
-
-    def reset(self):
-        if self.mat is not None:
-            self.mat.zero_()
-
-    def compute(self):
-        h = self.mat.double()
-        acc_global = torch.diag(h).sum() / h.sum()
-        acc = torch.diag(h) / h.sum(1)
-        iu = torch.diag(h) / (h.sum(1) + h.sum(0) - torch.diag(h))
-        return acc_global, acc, iu
-
-    def reduce_from_all_processes(self):
-        if is_dist_avail_and_initialized():
-            if self.mat is None:  # a rank with no validation images still takes part
-                self.mat = torch.zeros((self.num_classes, self.num_classes), dtype=torch.int64)
-            mat = self.mat.to(collective_device())
-            dist.all_reduce(mat)
-            self.mat = mat.to(self.mat.device)
-
-    def summary(self):
-        """The block's numbers as plain floats (percent), for the JSON log."""
-        acc_global, acc, iu = self.compute()
-        return {"global_correct": acc_global.item() * 100, "average_row_correct": (acc * 100).tolist(),
-                "iou": (iu * 100).tolist(), "mean_iou": iu.nanmean().item() * 100}
-
-    def __str__(self):
-        s = self.summary()
-        return ("global correct: {:.1f}\n"
-                "average row correct: {}\n"
-                "IoU: {}\n"
-                "mean IoU: {:.1f}").format(s["global_correct"],
-                                           ["{:.1f}".format(i) for i in s["average_row_correct"]],
-                                           ["{:.1f}".format(i) for i in s["iou"]],
-                                           s["mean_iou"])
-
-
-class DiceCoefficient:
-    """Validation dice: argmax, one-hot, background dropped, the dice formula; mean over images.
-
-    The tutorial averages per batch with a validation batch size of 1, i.e. per
-    image; summing per-image values makes the result independent of the batch
-    size and exact under DDP, where each process holds different images.
+    Looked up on first use rather than imported at the top: metrics.py itself
+    imports this module's process helpers.
     """
-
-    def __init__(self, num_classes: int = 2, ignore_index: int = -100):
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
-        self.cumulative_dice = None
-        self.count = None
-
-    def update(self, pred, target):
-        """``pred``: logits [N, C, H, W]; ``target``: class indices [N, H, W]."""
-        if self.cumulative_dice is None:
-            self.cumulative_dice = torch.zeros(1, dtype=torch.float64, device=pred.device)
-            self.count = torch.zeros(1, dtype=torch.float64, device=pred.device)
-        with torch.no_grad():
-            one_hot = F.one_hot(pred.argmax(dim=1), self.num_classes).permute(0, 3, 1, 2).float()
-            dice_target = build_target(target, self.num_classes, self.ignore_index)
-            per_image = dice_per_item(one_hot[:, 1:], dice_target[:, 1:], self.ignore_index, 1e-6, keep_dims=2)
-            self.cumulative_dice += per_image.mean(dim=1).sum()
-            self.count += pred.shape[0]
-
-    @property
-    def value(self):
-        if self.cumulative_dice is None:
-            return torch.zeros(1)
-        return torch.where(self.count > 0, self.cumulative_dice / self.count.clamp(min=1), 0)
-
-    def reset(self):
-        if self.cumulative_dice is not None:
-            self.cumulative_dice.zero_()
-        if self.count is not None:
-            self.count.zero_()
-
-    def reduce_from_all_processes(self):
-        if not is_dist_avail_and_initialized():
-            return
-        if self.cumulative_dice is None:  # a rank with no validation images still takes part
-            self.cumulative_dice = torch.zeros(1, dtype=torch.float64)
-            self.count = torch.zeros(1, dtype=torch.float64)
-        t = torch.cat([self.cumulative_dice, self.count]).to(collective_device())
-        dist.all_reduce(t)
-        self.cumulative_dice, self.count = t[:1], t[1:]
+    if name in ("ConfusionMatrix", "DiceCoefficient"):
+        from . import metrics
+        return getattr(metrics, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -51,11 +51,6 @@ def inference_model(model: nn.Module, channels_last: bool = True) -> nn.Module:
     return fused.to(memory_format=torch.channels_last) if channels_last else fused
 
 
-def size_multiple(model_name: str) -> int:
-    """Input sizes the model's pooling divides evenly: 16 for the U-Net (4 poolings), 32 for the backbones."""
-    return 16 if model_name == "unet" else 32
-
-
 def _ceil_to(x: int, m: int) -> int:
     return -(-x // m) * m
 

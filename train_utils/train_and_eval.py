@@ -8,7 +8,7 @@ from . import distributed_utils as utils
 from .dice_coefficient_loss import build_target, dice_loss
 from .errors import UserError
 from .inference import evaluation_logits
-from .vessel_metrics import VesselMetrics
+from .metrics import IGNORE_INDEX, ConfusionMatrix, DiceCoefficient, VesselMetrics
 
 
 def criterion(inputs, target, loss_weight=None, num_classes: int = 2, dice: bool = True, ignore_index: int = -100):
@@ -125,8 +125,8 @@ def evaluate(model, data_loader, device, num_classes, channels_last=False, vesse
     vessel metrics.
     """
     model.eval()
-    confmat = utils.ConfusionMatrix(num_classes)
-    dice = utils.DiceCoefficient(num_classes=num_classes, ignore_index=255)
+    confmat = ConfusionMatrix(num_classes)
+    dice = DiceCoefficient(num_classes=num_classes, ignore_index=255)
     metric_logger = utils.MetricLogger(delimiter="  ")
     for image, target in metric_logger.log_every(data_loader, print_freq, "Test:"):
         image, target = _to_device(image, target, device, channels_last)
@@ -137,7 +137,7 @@ def evaluate(model, data_loader, device, num_classes, channels_last=False, vesse
             vessel_metrics.update(output, target)
         if per_image is not None:
             for k in range(output.shape[0]):
-                one_dice = utils.DiceCoefficient(num_classes=num_classes, ignore_index=255)
+                one_dice = DiceCoefficient(num_classes=num_classes, ignore_index=255)
                 one_dice.update(output[k:k + 1], target[k:k + 1])
                 one = VesselMetrics(ignore_index=255)
                 one.update(output[k:k + 1], target[k:k + 1])

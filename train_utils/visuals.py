@@ -296,10 +296,10 @@ class _RunVisuals:
         writer.flush()
 
     def write_preview(self, epoch, model, dataset, device):
-        from .inference import size_multiple
+        import src
 
         pred, target = predict_preview(model, dataset, 0, device, getattr(self.args, "val_tile_size", 0),
-                                       size_multiple(getattr(self.args, "model", "unet")))
+                                       src.model_spec(getattr(self.args, "model", "unet")).size_multiple)
         name = os.path.basename(dataset.img_list[0]) if hasattr(dataset, "img_list") else "image 0"
         picture = preview_picture(pred, target, f"best model, epoch {epoch}: {name}, "
                                                 f"dice {image_dice(pred, target):.3f}")
