@@ -14,18 +14,21 @@ if __name__ == "__main__":  # first, before torch loads: run again with a fast a
     use_fast_allocator()
 
 import train
+from train_utils.settings import Flag
 
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description="PyTorch U-Net DDP training on DRIVE", add_help=add_help,
-                                     parents=[train.get_args_parser(add_help=False)])
-    parser.add_argument("--sync-bn", "--sync_bn", action="store_true",
-                        help="synchronise BatchNorm statistics across processes")
-    parser.add_argument("--world-size", "--world_size", default=1, type=int,
-                        help="kept for the original's command lines: torchrun's WORLD_SIZE decides")
-    parser.add_argument("--dist-url", "--dist_url", default="env://", help="url used to set up the process group")
-    parser.add_argument("--dist-timeout", default=30.0, type=float, metavar="MIN",
-                        help="minutes a collective may wait for a lost process before the run fails")
+                                     parents=[train.get_args_parser(add_help=False)],
+                                     argument_default=argparse.SUPPRESS)
+    flag = Flag(parser.add_argument_group("distributed"))
+    flag("--sync-bn", dest="sync_bn", action="store_true", aliases=("--sync_bn",),
+         help="synchronise BatchNorm statistics across processes")
+    flag("--world-size", dest="world_size", type=int, aliases=("--world_size",),
+         help="kept for the original's command lines: torchrun's WORLD_SIZE decides")
+    flag("--dist-url", dest="dist_url", aliases=("--dist_url",), help="url used to set up the process group")
+    flag("--dist-timeout", dest="dist_timeout", type=float, metavar="MIN",
+         help="minutes a collective may wait for a lost process before the run fails")
     return parser
 
 

@@ -20,19 +20,14 @@ import src
 from . import distributed_utils as utils
 from .errors import UserError
 from .files import atomic_write
-
-# What a checkpoint's ``args`` must hold to rebuild its model, with the value assumed when absent
-# (the tutorial saved no model name or width: its model is the bilinear U-Net with base_c=32).
-MODEL_KEYS = {"model": "unet", "num_classes": 1, "base_c": 32}
-# The settings a run takes from the checkpoint it resumes or evaluates: the model and its normalisation.
-CARRIED_KEYS = ("model", "base_c", "num_classes", "mean", "std")
+from .settings import MODEL_KEYS
 
 
 def plain_args(args):
-    """``vars(args)`` keeping only plain data, so the checkpoint loads with ``weights_only=True``."""
+    """The tutorial's pickled ``argparse.Namespace`` as a plain dict (lists and scalars only)."""
     plain = (str, int, float, bool, type(None))
     out = {}
-    for k, v in (args if isinstance(args, dict) else vars(args)).items():
+    for k, v in vars(args).items():
         if isinstance(v, (list, tuple)) and all(isinstance(i, plain) for i in v):
             out[k] = list(v)
         elif isinstance(v, plain):
@@ -48,48 +43,6 @@ def model_kwargs(args: dict):
     """
     a = {k: args.get(k, default) for k, default in MODEL_KEYS.items()}
     return {"model": a["model"], "num_classes": int(a["num_classes"]) + 1, "base_c": int(a["base_c"])}
-
-
-def _comparable(value):
-    """Lists of numbers as floats (mean/std: 1 == 1.0), lists of names as they are."""
-    if isinstance(value, (list, tuple)):
-        return [float(v) if isinstance(v, (int, float)) else v for v in value]
-    return value
-
-
-def adopt_checkpoint_args(args, saved: dict, path, explicit=(), keys=CARRIED_KEYS, overridable=()):
-    """Set ``args``' settings ``keys`` (the model's: ``CARRIED_KEYS``) and ``overridable`` to the checkpoint's.
-
-    A checkpoint carries its model: evaluating or resuming it needs none of its
-    flags retyped. A flag in ``explicit`` (given on the command line) that
-    contradicts the checkpoint on one of ``keys`` is an error naming both
-    values; on one of ``overridable`` (``recipes.RUN_KEYS``: the recipe's
-    optimiser, schedule, crops, augmentation, evaluation) the typed value
-    wins, e.g. ``--no-eval-tta`` to score a fast-recipe model without flips.
-    Settings a checkpoint does not hold (written before they existed) stay as they are.
-    """
-    adopted = []
-    for key in tuple(keys) + tuple(overridable):
-        if key in saved:
-            value = saved[key]
-        elif key in MODEL_KEYS and key not in overridable:
-            value = MODEL_KEYS[key]
-        else:
-            continue  # e.g. mean/std in a tutorial checkpoint: the run's own (default) values stay
-        value, current = _comparable(value), _comparable(getattr(args, key, None))
-        if current == value or (key in overridable and not hasattr(args, key)):
-            continue
-        if key in explicit:
-            if key in overridable:
-                continue
-            flag = "--" + key.replace("_", "-")
-            shown = " ".join(map(str, current)) if isinstance(current, list) else current
-            raise UserError(f"{flag} {shown} contradicts checkpoint '{path}', which was trained with {key} "
-                            f"{value}; leave {flag} out to use the checkpoint's")
-        setattr(args, key, value)
-        adopted.append(f"{key} {value}")
-    if adopted:
-        print(f"from checkpoint '{path}': " + ", ".join(adopted))
 
 
 def save_checkpoint(state, path):
@@ -190,22 +143,23 @@ def resume(checkpoint, path, model, optimizer=None, lr_scheduler=None, scaler=No
     return int(checkpoint["epoch"]) + 1, float(checkpoint.get("best_dice", 0.0))
 
 
-def save_epoch(output_dir, model, optimizer, lr_scheduler, scaler, epoch, best_dice, is_best, args):
+def save_epoch(output_dir, model, optimizer, lr_scheduler, scaler, epoch, best_dice, is_best, settings):
     """Write the epoch's checkpoints: ``checkpoint.pth`` always, ``best_model.pth`` when it is the best
-    (``model_N.pth`` every epoch with ``save_best`` off). Every process calls it; the main one writes."""
+    (``model_N.pth`` every epoch with ``save_best`` off). Every process calls it; the main one writes.
+    ``settings`` (train_utils.settings.Settings) go in as ``args``: what rebuilds the model and resumes the run."""
     rngs = gather_rng_states()  # a collective: every process takes part
     if not utils.is_main_process():
         return
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "best_dice": best_dice,
-             "args": plain_args(args), "rng": rngs}
+             "args": settings.checkpoint_args(), "rng": rngs}
     if scaler is not None and scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
     # best_model.pth first: a crash between the two writes then never leaves a
     # checkpoint.pth whose best_dice claims a best model that is not on disk.
-    if args.save_best and is_best:
+    if settings.save_best and is_best:
         save_checkpoint(state, os.path.join(output_dir, "best_model.pth"))
-    elif not args.save_best:
+    elif not settings.save_best:
         save_checkpoint(state, os.path.join(output_dir, f"model_{epoch}.pth"))
     save_checkpoint(state, os.path.join(output_dir, "checkpoint.pth"))
 

@@ -120,28 +120,31 @@ def resolve_device(requested=None, local_rank=0, distributed=False):
     return device
 
 
+def launch_environment():
+    """(rank, world size, local rank) when launched by torchrun (or SLURM with several tasks), else None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return (int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]),
+                int(os.environ.get("SLURM_LOCALID", 0)))
+    return None
+
+
 def init_distributed_mode(args):
     """Start the process group when launched by torchrun (or SLURM); otherwise run as one process.
 
     Sets ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.gpu`` (the
     local rank) and ``args.dist_backend``: NCCL when the device is CUDA, gloo on the CPU.
     """
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        args.rank = int(os.environ["RANK"])
-        args.world_size = int(os.environ["WORLD_SIZE"])
-        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        args.rank = int(os.environ["SLURM_PROCID"])
-        args.world_size = int(os.environ["SLURM_NTASKS"])
-        args.gpu = int(os.environ.get("SLURM_LOCALID", 0))
-        os.environ.setdefault("RANK", str(args.rank))
-        os.environ.setdefault("WORLD_SIZE", str(args.world_size))
-        os.environ.setdefault("LOCAL_RANK", str(args.gpu))
-    else:
+    launch = launch_environment()
+    if launch is None:
         args.distributed = False
         args.rank, args.world_size, args.gpu = 0, 1, 0
         args.dist_backend = None
         return
+    args.rank, args.world_size, args.gpu = launch
+    for name, value in (("RANK", args.rank), ("WORLD_SIZE", args.world_size), ("LOCAL_RANK", args.gpu)):
+        os.environ.setdefault(name, str(value))  # SLURM: torch.distributed's env:// reads these
 
     args.distributed = True
     device = resolve_device(getattr(args, "device", None), local_rank=args.gpu, distributed=True)
