@@ -30,12 +30,12 @@ from torch.utils.data.distributed import DistributedSampler
 import src
 from my_dataset import DATASETS, FOV_MODES, VesselDataset, dataset_files, ensure_synthetic_drive, holdout
 from train_utils import distributed_utils as utils
-from train_utils import visuals
 from train_utils.checkpoint import (CARRIED_KEYS, adopt_checkpoint_args, load_checkpoint, plain_args, resume,
                                     safe_load, save_epoch)
 from train_utils.errors import UserError, run_cli
 from train_utils.files import atomic_write, ensure_writable_folder
 from train_utils.inference import inference_model
+from train_utils.pictures import TrainingPictures
 from train_utils.recipes import RECIPES, RUN_KEYS, FlipAverage, RepeatDataset, build_optimizer, fast_width
 from train_utils.train_and_eval import autocast_dtype, create_lr_scheduler, evaluate, train_one_epoch
 from train_utils.transforms import (BASE_SIZE, CROP_SIZE, DATASET_MEAN_STD, DRIVE_MEAN, DRIVE_STD, SCALE_RANGE,
@@ -138,11 +138,11 @@ def get_args_parser(add_help=True):
     parser.add_argument("--eval-every", default=1, type=int, metavar="N",
                         help="validate every N epochs (and always after the last one)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    # Pictures and TensorBoard (train_utils/visuals.py)
+    # Pictures and TensorBoard (train_utils/pictures.py)
     parser.add_argument("--plots", default=True, action=argparse.BooleanOptionalAction,
                         help="write curves.png after every epoch and val_preview.png for the best model "
                              "(--no-plots: neither)")
-    parser.add_argument("--tensorboard", action=visuals.TensorBoardFlag,
+    parser.add_argument("--tensorboard", action="store_true",
                         help="also log the metrics and the preview for TensorBoard in OUTPUT_DIR/tensorboard "
                              "(needs: pip install tensorboard)")
     return parser
@@ -374,6 +374,11 @@ def main(args):
     print(argparse.Namespace(**plain_args(args)))
     seed_and_tune(args, device)
     num_classes = args.num_classes + 1  # background + foreground classes
+    last_epoch = args.epochs if args.stop_epoch is None else min(args.epochs, args.stop_epoch + 1)
+    # Made before any work: a missing tensorboard package stops the run before the output folder exists.
+    pictures = TrainingPictures(args.output_dir, plots=args.plots, tensorboard=args.tensorboard,
+                                resumed=bool(args.resume), last_epoch=last_epoch, tile_size=args.val_tile_size,
+                                multiple=src.model_spec(args.model).size_multiple, debug=args.debug)
 
     if args.demo and utils.is_main_process():
         ensure_synthetic_drive(args.data_path, **DEMO_DATA)
@@ -421,36 +426,37 @@ def main(args):
     results_file = os.path.join(args.output_dir, "results{}.txt".format(
         datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
     start_time = time.time()
-    last_epoch = args.epochs if args.stop_epoch is None else min(args.epochs, args.stop_epoch + 1)
-    for epoch in range(args.start_epoch, last_epoch):
-        if args.distributed:
-            train_loader.sampler.set_epoch(epoch)
-        epoch_start = time.time()
-        mean_loss, lr = train_one_epoch(train_model, optimizer, train_loader, device, epoch, num_classes,
-                                        lr_scheduler=lr_scheduler, print_freq=args.print_freq, scaler=scaler,
-                                        amp_dtype=amp_dtype, channels_last=train_channels_last)
-        utils.broadcast_buffers(model)  # every process validates and saves rank 0's BatchNorm statistics
-        # --eval-every N: validation of full images costs as much as several training steps; the last
-        # epoch is always validated, so the log ends with the final model's dice.
-        validate = (epoch + 1) % args.eval_every == 0 or epoch == last_epoch - 1
-        is_best = False
-        if validate:
-            confmat, dice, vessel = report_validation(model, val_loader, device, num_classes, args.channels_last,
-                                                      args.eval_tta, args.val_tile_size, src.model_spec(args.model).size_multiple)
-            is_best = dice > best_dice
-            best_dice = max(best_dice, dice)
-        record = None
-        if validate and utils.is_main_process():
-            now = time.time()
-            record = log_epoch(args.output_dir, results_file, epoch, mean_loss, lr, dice, confmat, vessel,
-                               now - epoch_start, elapsed=now - start_time)
-        save_epoch(args.output_dir, model, optimizer, lr_scheduler, scaler, epoch, best_dice, is_best, args)
+    with pictures:  # closes the TensorBoard log when training ends
+        for epoch in range(args.start_epoch, last_epoch):
+            if args.distributed:
+                train_loader.sampler.set_epoch(epoch)
+            epoch_start = time.time()
+            mean_loss, lr = train_one_epoch(train_model, optimizer, train_loader, device, epoch, num_classes,
+                                            lr_scheduler=lr_scheduler, print_freq=args.print_freq, scaler=scaler,
+                                            amp_dtype=amp_dtype, channels_last=train_channels_last)
+            utils.broadcast_buffers(model)  # every process validates and saves rank 0's BatchNorm statistics
+            # --eval-every N: validation of full images costs as much as several training steps; the last
+            # epoch is always validated, so the log ends with the final model's dice.
+            validate = (epoch + 1) % args.eval_every == 0 or epoch == last_epoch - 1
+            is_best = False
+            if validate:
+                confmat, dice, vessel = report_validation(model, val_loader, device, num_classes,
+                                                          args.channels_last, args.eval_tta, args.val_tile_size,
+                                                          src.model_spec(args.model).size_multiple)
+                is_best = dice > best_dice
+                best_dice = max(best_dice, dice)
+            record = None
+            if validate and utils.is_main_process():
+                now = time.time()
+                record = log_epoch(args.output_dir, results_file, epoch, mean_loss, lr, dice, confmat, vessel,
+                                   now - epoch_start, elapsed=now - start_time)
+            save_epoch(args.output_dir, model, optimizer, lr_scheduler, scaler, epoch, best_dice, is_best, args)
 
-        # Pictures and TensorBoard (train_utils/visuals.py): main process only, never stops training.
-        if validate:
-            visuals.after_epoch(args, record)
-        if is_best:
-            visuals.after_best(args, epoch, model, val_loader.dataset, device)
+            # Pictures and TensorBoard (train_utils/pictures.py): main process only, never stops training.
+            if validate:
+                pictures.after_epoch(record)
+            if is_best:
+                pictures.after_best(epoch, model, val_loader.dataset, device)
 
     total_time = time.time() - start_time
     print(f"training time {datetime.timedelta(seconds=int(total_time))}; best dice coefficient: {best_dice:.3f}")
