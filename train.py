@@ -276,6 +276,11 @@ def main(args):
     s = resolve_settings(args, checkpoint and checkpoint["args"], detect_machine(), dataset_facts)
     proc, device = start(s)
     num_classes = s.num_classes + 1  # background + foreground classes
+    last_epoch = s.epochs if s.stop_epoch is None else min(s.epochs, s.stop_epoch + 1)
+    # Made before any work: a missing tensorboard package stops the run before the output folder exists.
+    pictures = TrainingPictures(s.output_dir, plots=s.plots, tensorboard=s.tensorboard, resumed=bool(s.resume),
+                                last_epoch=last_epoch, tile_size=s.val_tile_size,
+                                multiple=src.model_spec(s.model).size_multiple, debug=s.debug)
 
     # 1. Data
     train_loader, val_loader = build_data_loaders(s, proc, device)
@@ -299,11 +304,8 @@ def main(args):
         del checkpoint
 
     # 5. The epochs: train, validate, log, save
-    last_epoch = s.epochs if s.stop_epoch is None else min(s.epochs, s.stop_epoch + 1)
     log = EpochLog(s.output_dir, utils.is_main_process())
-    with TrainingPictures(s.output_dir, plots=s.plots, tensorboard=s.tensorboard, last_epoch=last_epoch - 1,
-                          resumed_from_epoch=start_epoch if s.resume else None, tile_size=s.val_tile_size,
-                          multiple=src.model_spec(s.model).size_multiple, debug=s.debug) as pictures:
+    with pictures:  # closes the TensorBoard log when training ends
         for epoch in range(start_epoch, last_epoch):
             if proc.distributed:
                 train_loader.sampler.set_epoch(epoch)

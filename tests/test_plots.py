@@ -5,11 +5,14 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import train
 from tests.conftest import ROOT, TINY_TRAIN, run_script
-from train_utils import visuals
+from train_utils import pictures
+from train_utils.metrics import DiceCoefficient
+from train_utils.pictures import TrainingPictures
 
 
 def parse(*argv):
@@ -28,6 +31,20 @@ def no_temp_files(folder):
     return not [n for n in os.listdir(folder) if ".tmp" in n]
 
 
+@pytest.fixture
+def made_pictures(monkeypatch):
+    """The ``TrainingPictures`` objects that ``train.main`` makes, in order (to look at their history)."""
+    made = []
+
+    class Recorded(TrainingPictures):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(train, "TrainingPictures", Recorded)
+    return made
+
+
 # ---------------------------------------------------------------------------
 # the pictures on hand-made inputs
 
@@ -36,34 +53,34 @@ def test_preview_colours_on_a_hand_made_case():
     # label:  row 0 vessel, row 1 background, row 2 outside the FOV (255)
     target = np.array([[1, 1, 1], [0, 0, 0], [255, 255, 255]], dtype=np.uint8)
     pred = np.array([[1, 0, 1], [1, 0, 0], [1, 0, 1]])
-    out = visuals.preview_colours(pred, target)
+    out = pictures.preview_colours(pred, target)
     assert out.shape == (3, 3, 3) and out.dtype == np.uint8
-    expected = [[visuals.TP_COLOUR, visuals.FN_COLOUR, visuals.TP_COLOUR],
-                [visuals.FP_COLOUR, visuals.TN_COLOUR, visuals.TN_COLOUR],
-                [visuals.OUTSIDE_COLOUR] * 3]  # predictions outside the FOV are not scored
+    expected = [[pictures.TP_COLOUR, pictures.FN_COLOUR, pictures.TP_COLOUR],
+                [pictures.FP_COLOUR, pictures.TN_COLOUR, pictures.TN_COLOUR],
+                [pictures.OUTSIDE_COLOUR] * 3]  # predictions outside the FOV are not scored
     assert out.tolist() == [[list(c) for c in row] for row in expected]
-    assert len({visuals.TP_COLOUR, visuals.FP_COLOUR, visuals.FN_COLOUR, visuals.TN_COLOUR,
-                visuals.OUTSIDE_COLOUR}) == 5
+    assert len({pictures.TP_COLOUR, pictures.FP_COLOUR, pictures.FN_COLOUR, pictures.TN_COLOUR,
+                pictures.OUTSIDE_COLOUR}) == 5
     # any foreground class counts as vessel (several classes)
-    assert visuals.preview_colours(np.array([[2]]), np.array([[1]]))[0, 0].tolist() == list(visuals.TP_COLOUR)
+    assert pictures.preview_colours(np.array([[2]]), np.array([[1]]))[0, 0].tolist() == list(pictures.TP_COLOUR)
     with pytest.raises(ValueError):
-        visuals.preview_colours(np.zeros((2, 2)), np.zeros((2, 3)))
+        pictures.preview_colours(np.zeros((2, 2)), np.zeros((2, 3)))
 
 
 def test_preview_picture_size_title_and_legend():
     rng = np.random.default_rng(0)
     big_pred, big_target = rng.integers(0, 2, (900, 1200)), rng.integers(0, 2, (900, 1200)).astype(np.uint8)
-    big = visuals.preview_picture(big_pred, big_target, "title")
+    big = pictures.preview_picture(big_pred, big_target, "title")
     assert big.width == 600 and big.height > 450  # 450 rows of image plus the title and legend lines
-    small = visuals.preview_picture(np.ones((64, 60), int), np.ones((64, 60), np.uint8))
+    small = pictures.preview_picture(np.ones((64, 60), int), np.ones((64, 60), np.uint8))
     k = (600 - 3 * 18) // 64
     img_h = 64 * k
     assert small.width == 60 * k and img_h < small.height <= 600  # enlarged by a whole factor
-    assert visuals.preview_scale(584, 565) == (584, 565)  # DRIVE's size: drawn pixel for pixel
+    assert pictures.preview_scale(584, 565) == (584, 565)  # DRIVE's size: drawn pixel for pixel
     arr = np.array(small)
-    assert (arr[:img_h] == visuals.TP_COLOUR).all()  # crisp: every image pixel is a TP pixel
+    assert (arr[:img_h] == pictures.TP_COLOUR).all()  # crisp: every image pixel is a TP pixel
     legend = arr[img_h:].reshape(-1, 3).tolist()
-    for colour, _ in visuals.LEGEND:  # a swatch of every colour in the legend
+    for colour, _ in pictures.LEGEND:  # a swatch of every colour in the legend
         assert list(colour) in legend
 
 
@@ -71,21 +88,66 @@ def test_plot_curves_writes_a_png_with_undefined_values(tmp_path):
     history = [{"epoch": e, "train_loss": 1.0 / (e + 1), "lr": 0.01 * (1 - e / 5), "dice": 0.5 + 0.05 * e,
                 "auc": None if e == 0 else float("nan") if e == 1 else 0.9} for e in range(5)]
     path = tmp_path / "curves.png"
-    visuals.plot_curves(history, str(path))
+    pictures.plot_curves(history, str(path))
     arr = png(path)
     assert arr.shape[0] >= 300 and arr.shape[1] >= 400 and arr.std() > 10  # a drawing, not a blank
     assert no_temp_files(tmp_path)
     before = path.read_bytes()
-    visuals.plot_curves(history[:1], str(path))  # one epoch: still a picture; rewritten in place
+    pictures.plot_curves(history[:1], str(path))  # one epoch: still a picture; rewritten in place
     png(path)
     assert path.read_bytes() != before
+
+
+class OneConv(torch.nn.Module):
+    """A model in the U-Net's form (a dict with ``out``): one 1 x 1 convolution to 3 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return {"out": self.conv(x)}
+
+
+def loop_image_dice(pred, target, num_classes, ignore_index=255, eps=1e-6):
+    """The validation dice of one image from the formula: per foreground class over the pixels that are
+    not ignored, (2 |P & T| + eps) / (|P| + |T| + eps) (1 when both are empty), averaged over the classes."""
+    per_class = []
+    for c in range(1, num_classes):
+        both = p = t = 0
+        for pc, tc in zip(pred.flatten().tolist(), target.flatten().tolist()):
+            if tc != ignore_index:
+                p, t, both = p + (pc == c), t + (tc == c), both + (pc == c and tc == c)
+        per_class.append((2 * both + eps) / (p + t + eps) if p + t else 1.0)
+    return sum(per_class) / len(per_class)
+
+
+def test_preview_title_shows_the_validation_dice_of_the_image(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = OneConv()
+    gen = torch.Generator().manual_seed(3)
+    image, target = torch.randn(3, 10, 12, generator=gen), torch.randint(0, 3, (10, 12), generator=gen)
+    target[:2] = 255  # outside the field of view
+    titles = []
+    draw = pictures.preview_picture
+    monkeypatch.setattr(pictures, "preview_picture", lambda p, t, title="": titles.append(title) or draw(p, t, title))
+    with TrainingPictures(str(tmp_path), last_epoch=1, debug=True) as run:
+        run.after_best(4, model, [(image, target)], torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(image[None])["out"]
+    expected = loop_image_dice(logits.argmax(1)[0], target, 3)
+    dice = DiceCoefficient(num_classes=3, ignore_index=255)
+    dice.update(logits, target[None])
+    assert dice.value.item() == pytest.approx(expected, abs=1e-6)
+    assert titles == [f"best model, epoch 4: image 0, dice {expected:.3f}"]
+    png(tmp_path / pictures.PREVIEW_FILE)
 
 
 # ---------------------------------------------------------------------------
 # in a training run
 
 
-def test_training_writes_curves_and_preview(drive_root, tmp_path):
+def test_training_writes_curves_and_preview(drive_root, tmp_path, made_pictures):
     out = tmp_path / "run"
     # --debug: a drawing failure raises instead of becoming a warning, so this test sees bugs.
     common = ["--data-path", drive_root, "--output-dir", out, "--epochs", 3, "--debug", *TINY_TRAIN]
@@ -94,14 +156,14 @@ def test_training_writes_curves_and_preview(drive_root, tmp_path):
     assert curves.shape[1] >= 400 and max(preview.shape[:2]) <= 600
     assert preview.shape[1] == 60 * ((600 - 3 * 18) // 64)  # the 60 x 64 validation image, enlarged
     colours = {tuple(c) for c in preview.reshape(-1, 3).tolist()}
-    assert {visuals.OUTSIDE_COLOUR, visuals.TN_COLOUR} <= colours
+    assert {pictures.OUTSIDE_COLOUR, pictures.TN_COLOUR} <= colours
     assert no_temp_files(out)
-    assert [r["epoch"] for r in visuals._run.history] == [0, 1]
+    assert [r["epoch"] for r in made_pictures[-1].history] == [0, 1]
 
     train.main(parse(*common, "--resume", out / "checkpoint.pth"))  # the curves continue the earlier epochs
-    assert [r["epoch"] for r in visuals._run.history] == [0, 1, 2]
+    assert [r["epoch"] for r in made_pictures[-1].history] == [0, 1, 2]
     logged = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert [r["dice"] for r in visuals._run.history] == [r["dice"] for r in logged]
+    assert [r["dice"] for r in made_pictures[-1].history] == [r["dice"] for r in logged]
     png(out / "curves.png")
 
 
@@ -116,8 +178,8 @@ def test_a_drawing_failure_never_stops_training(drive_root, tmp_path, monkeypatc
     def broken(*a, **k):
         raise RuntimeError("no room for pictures")
 
-    monkeypatch.setattr(visuals, "plot_curves", broken)
-    monkeypatch.setattr(visuals, "preview_picture", broken)
+    monkeypatch.setattr(pictures, "plot_curves", broken)
+    monkeypatch.setattr(pictures, "preview_picture", broken)
     monkeypatch.delenv("UNET_DEBUG", raising=False)
     out = tmp_path / "run"
     args = ["--data-path", drive_root, "--output-dir", out, "--epochs", 2, *TINY_TRAIN]
@@ -131,10 +193,10 @@ def test_a_drawing_failure_never_stops_training(drive_root, tmp_path, monkeypatc
 
 
 def test_only_the_main_process_draws(tmp_path, monkeypatch):
-    monkeypatch.setattr(visuals.utils, "is_main_process", lambda: False)
-    args = parse("--output-dir", tmp_path, "--epochs", 1)
-    visuals.after_epoch(args, {"epoch": 0, "train_loss": 1.0, "lr": 0.01, "dice": 0.5, "auc": 0.9, "epoch_time": 1.0})
-    visuals.after_best(args, 0, None, None)
+    monkeypatch.setattr(pictures.utils, "is_main_process", lambda: False)
+    with TrainingPictures(str(tmp_path), last_epoch=1) as run:
+        run.after_epoch({"epoch": 0, "train_loss": 1.0, "lr": 0.01, "dice": 0.5, "auc": 0.9, "epoch_time": 1.0})
+        run.after_best(0, None, None)
     assert os.listdir(tmp_path) == []
 
 
@@ -142,15 +204,15 @@ def test_only_the_main_process_draws(tmp_path, monkeypatch):
 # TensorBoard
 
 
-def test_tensorboard_logs_scalars_and_the_preview(drive_root, tmp_path):
+def test_tensorboard_logs_scalars_and_the_preview(drive_root, tmp_path, made_pictures):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
     train.main(parse("--data-path", drive_root, "--output-dir", out, "--epochs", 2, "--tensorboard", "--debug",
                      *TINY_TRAIN))
-    visuals._close()  # what the end of the process does
-    events = EventAccumulator(str(out / visuals.TENSORBOARD_DIR))
+    assert made_pictures[-1].writer is None  # main closed the log when training ended
+    events = EventAccumulator(str(out / pictures.TENSORBOARD_DIR))
     events.Reload()
     tags = events.Tags()
     assert {"train/loss", "train/lr", "val/dice", "val/auc"} <= set(tags["scalars"])

@@ -1,7 +1,9 @@
-"""Pictures of a training run: ``curves.png``, ``val_preview.png`` and, with ``--tensorboard``, TensorBoard logs.
+"""The pictures of one training run: ``curves.png``, ``val_preview.png`` and, with ``--tensorboard``, TensorBoard logs.
 
-``train.py`` calls :func:`after_epoch` once per epoch and :func:`after_best`
-when the validation dice improves. In ``--output-dir`` they keep:
+``train.py``'s ``main`` makes one :class:`TrainingPictures` for the run, calls
+its ``after_epoch`` once per validated epoch and its ``after_best`` when the
+validation dice improves, and closes it when training ends. In
+``--output-dir`` they keep:
 
 - ``curves.png``: training loss, learning rate, validation dice and ROC AUC
   against the epoch, rewritten after every epoch (open it again to watch a
@@ -20,8 +22,6 @@ temporary name and renamed, so a reader never sees half a file. Drawing never
 stops training: a failure is one ``warning:`` line (with ``--debug`` or
 ``UNET_DEBUG=1`` it raises instead, so bugs are not hidden).
 """
-import argparse
-import atexit
 import json
 import math
 import os
@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw, ImageFont
 from . import distributed_utils as utils
 from . import extras
 from .files import atomic_write
+from .metrics import IGNORE_INDEX, DiceCoefficient
 
 CURVES_FILE = "curves.png"
 PREVIEW_FILE = "val_preview.png"
@@ -49,20 +50,6 @@ FN_COLOUR = (30, 144, 255)   # labelled, not predicted: missed vessel
 TN_COLOUR = (0, 0, 0)        # background, inside the field of view
 OUTSIDE_COLOUR = (40, 40, 40)  # outside the field of view (target 255): not scored
 LEGEND = ((TP_COLOUR, "vessel found"), (FP_COLOUR, "false alarm"), (FN_COLOUR, "missed vessel"))
-IGNORE_INDEX = 255
-
-
-class TensorBoardFlag(argparse.Action):
-    """``--tensorboard``: a switch that checks, when the command line is read, that the package is installed."""
-
-    def __init__(self, option_strings, dest, default=False, **kwargs):
-        super().__init__(option_strings, dest, nargs=0, default=default, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if not extras.available("tensorboard"):
-            print(f"error: {extras.missing_message(option_string, ['tensorboard'])}", file=sys.stderr)
-            sys.exit(2)
-        setattr(namespace, self.dest, True)
 
 
 # ---------------------------------------------------------------------------
@@ -185,59 +172,106 @@ def preview_picture(pred, target, title=""):
 
 @torch.inference_mode()
 def predict_preview(model, dataset, index=0, device=None, tile_size=0, multiple=16):
-    """(predicted class map, target), both numpy ``[H, W]``, of ``dataset[index]`` with an inference copy of
-    ``model`` (BatchNorm folded, eval mode, float32), on ``device`` (default: the model's), in tiles when
-    the image is larger than ``tile_size``, as validation predicts it."""
+    """(logits ``[1, C, H, W]``, target ``[1, H, W]``), both on ``device`` (default: the model's), of
+    ``dataset[index]`` with an inference copy of ``model`` (BatchNorm folded, eval mode, float32), in tiles
+    when the image is larger than ``tile_size``, as validation predicts it."""
     from .inference import evaluation_logits, inference_model
 
     image, target = dataset[index]
     device = device or next(model.parameters()).device
     net = inference_model(model, channels_last=False)
     logits = evaluation_logits(net, image[None].to(device), tile_size, multiple=multiple)
-    return logits.argmax(1)[0].cpu().numpy(), target.cpu().numpy()
+    return logits, target[None].to(device)
 
 
-def image_dice(pred, target, ignore_index=IGNORE_INDEX):
-    """Dice of the foreground (all classes pooled) inside the field of view of one image; NaN without either."""
-    inside = target != ignore_index
-    p, t = (pred > 0) & inside, (target > 0) & inside
-    denom = p.sum() + t.sum()
-    return 2.0 * (p & t).sum() / denom if denom else math.nan
+def image_dice(logits, target):
+    """The validation dice of one image, ``DiceCoefficient`` on its logits ``[1, C, H, W]`` and label
+    ``[1, H, W]``: the number validation averages over the images."""
+    dice = DiceCoefficient(num_classes=logits.shape[1], ignore_index=IGNORE_INDEX)
+    dice.update(logits, target)
+    return dice.value.item()
 
 
 # ---------------------------------------------------------------------------
-# the run's state and the two hooks train.py calls
+# one run's pictures: what train.py's main owns
 
 
-def _plots(args):
-    return getattr(args, "plots", True)
+class TrainingPictures:
+    """curves.png, val_preview.png and TensorBoard logs of one training run (main process only).
 
+    Make it before any work: with ``tensorboard`` it checks that the package is
+    installed, so a missing one is a one-line ``UserError`` before the output
+    folder exists. ``last_epoch`` is where the run stops, as in train.py's
+    ``range(start_epoch, last_epoch)``: its last epoch (``last_epoch - 1``)
+    always redraws ``curves.png``. A ``resumed`` run continues the curves of
+    ``log.jsonl``'s earlier epochs, and its TensorBoard log drops the events it
+    is about to write again. ``tile_size`` and ``multiple`` predict the preview
+    as validation does. ``close()`` (or the end of a ``with`` block) closes the
+    TensorBoard writer. On other processes than the main one it does nothing.
+    """
 
-def _tensorboard(args):
-    return getattr(args, "tensorboard", False)
-
-
-def _debug(args):
-    return getattr(args, "debug", False) or os.environ.get("UNET_DEBUG", "") not in ("", "0")
-
-
-class _RunVisuals:
-    """What one training run keeps between epochs: the metric history, the TensorBoard writer, warnings given."""
-
-    def __init__(self, args):
-        self.args = args
-        self.history = None
-        self.writer = None
+    def __init__(self, output_dir, *, plots=True, tensorboard=False, resumed=False, last_epoch, tile_size=0,
+                 multiple=16, debug=False):
+        if tensorboard:  # every process checks: they all stop alike
+            extras.require("--tensorboard", "tensorboard")
+        self.output_dir = output_dir
+        self.plots = plots
+        self.tensorboard = tensorboard
+        self.resumed = resumed
+        self.last_epoch = last_epoch
+        self.tile_size = tile_size
+        self.multiple = multiple
+        self.debug = debug or os.environ.get("UNET_DEBUG", "") not in ("", "0")
+        self.active = (plots or tensorboard) and utils.is_main_process()
+        self.history = None  # the records curves.png draws, read from log.jsonl at the first epoch
+        self.writer = None   # the TensorBoard writer, opened at the first epoch
         self.warned = set()
         self.last_draw = None  # time.perf_counter() when curves.png was last drawn
         self.draw_seconds = 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        """Close the TensorBoard writer (its events are all on disk afterwards)."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def after_epoch(self, record):
+        """After each epoch's validation: redraw ``curves.png`` and log the scalars.
+
+        ``record`` is the epoch's ``log.jsonl`` record (``epoch``, ``train_loss``,
+        ``lr``, ``dice``, ``auc``, ...), as ``train.log_epoch`` returns it.
+        """
+        if not self.active:
+            return
+        epoch = record["epoch"]
+        if self.history is None:
+            self.history = self.load_history(epoch)
+        self.history.append(record)
+        if self.plots and self.curves_due(epoch):
+            start = time.perf_counter()
+            self.safely(CURVES_FILE, plot_curves, self.history, os.path.join(self.output_dir, CURVES_FILE))
+            self.curves_done(start)
+        if self.tensorboard:
+            self.safely("TensorBoard log", self.log_scalars, record)
+
+    def after_best(self, epoch, model, dataset, device=None):
+        """When the validation dice improves: ``val_preview.png`` (and the TensorBoard image) from ``model``'s
+        prediction of the first validation image (one forward pass)."""
+        if self.active:
+            self.safely(PREVIEW_FILE, self.write_preview, epoch, model, dataset, device)
 
     def safely(self, what, fn, *a):
         """Run ``fn(*a)``; a failure is a one-line warning (once per ``what``), never the end of training."""
         try:
             return fn(*a)
         except Exception as e:  # noqa: BLE001 - pictures are a by-product: training goes on
-            if _debug(self.args):
+            if self.debug:
                 raise
             if what not in self.warned:
                 self.warned.add(what)
@@ -251,9 +285,7 @@ class _RunVisuals:
         """Redraw now? Yes after every epoch, except that drawing (~0.15 s) may take at most a tenth of the
         time: epochs shorter than that (the CPU demo's take 0.6 s) are drawn every few epochs. The last
         epoch of the run is always drawn."""
-        stop = getattr(self.args, "stop_epoch", None)
-        last = min(self.args.epochs, stop + 1 if stop is not None else self.args.epochs) - 1
-        return (epoch >= last or self.last_draw is None
+        return (epoch >= self.last_epoch - 1 or self.last_draw is None
                 or time.perf_counter() - self.last_draw >= CURVES_TIME_SHARE * self.draw_seconds)
 
     def curves_done(self, start):
@@ -263,8 +295,8 @@ class _RunVisuals:
     def load_history(self, epoch):
         """Earlier epochs of a resumed run, from ``log.jsonl`` (the last record of each epoch before ``epoch``)."""
         records = {}
-        path = os.path.join(self.args.output_dir, "log.jsonl")
-        if self.args.resume and epoch > 0 and os.path.isfile(path):
+        path = os.path.join(self.output_dir, "log.jsonl")
+        if self.resumed and epoch > 0 and os.path.isfile(path):
             with open(path) as f:
                 for line in f:
                     try:
@@ -275,17 +307,17 @@ class _RunVisuals:
                         records[r["epoch"]] = r
         return [records[e] for e in sorted(records)]
 
-    def tensorboard(self, epoch):
+    def tensorboard_writer(self, epoch):
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops the events a resumed run is about to write again
-            self.writer = SummaryWriter(os.path.join(self.args.output_dir, TENSORBOARD_DIR),
-                                        purge_step=epoch if self.args.resume else None)
+            self.writer = SummaryWriter(os.path.join(self.output_dir, TENSORBOARD_DIR),
+                                        purge_step=epoch if self.resumed else None)
         return self.writer
 
     def log_scalars(self, record):
-        writer, epoch = self.tensorboard(record["epoch"]), record["epoch"]
+        writer, epoch = self.tensorboard_writer(record["epoch"]), record["epoch"]
         writer.add_scalar("train/loss", record["train_loss"], epoch)
         writer.add_scalar("train/lr", record["lr"], epoch)
         writer.add_scalar("train/epoch_time", record["epoch_time"], epoch)
@@ -296,70 +328,13 @@ class _RunVisuals:
         writer.flush()
 
     def write_preview(self, epoch, model, dataset, device):
-        import src
-
-        pred, target = predict_preview(model, dataset, 0, device, getattr(self.args, "val_tile_size", 0),
-                                       src.model_spec(getattr(self.args, "model", "unet")).size_multiple)
+        logits, target = predict_preview(model, dataset, 0, device, self.tile_size, self.multiple)
         name = os.path.basename(dataset.img_list[0]) if hasattr(dataset, "img_list") else "image 0"
-        picture = preview_picture(pred, target, f"best model, epoch {epoch}: {name}, "
-                                                f"dice {image_dice(pred, target):.3f}")
-        if _plots(self.args):
-            write_png_atomic(os.path.join(self.args.output_dir, PREVIEW_FILE), picture.save)
-        if _tensorboard(self.args):
-            writer = self.tensorboard(epoch)
+        picture = preview_picture(logits.argmax(1)[0].cpu().numpy(), target[0].cpu().numpy(),
+                                  f"best model, epoch {epoch}: {name}, dice {image_dice(logits, target):.3f}")
+        if self.plots:
+            write_png_atomic(os.path.join(self.output_dir, PREVIEW_FILE), picture.save)
+        if self.tensorboard:
+            writer = self.tensorboard_writer(epoch)
             writer.add_image("val/preview", np.asarray(picture), epoch, dataformats="HWC")
             writer.flush()
-
-    def close(self):
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-
-_run = None
-
-
-def _state(args):
-    """The state of the run ``args`` belongs to (a new ``args`` object is a new run, e.g. in tests)."""
-    global _run
-    if _run is None or _run.args is not args:
-        if _run is not None:
-            _run.close()
-        _run = _RunVisuals(args)
-    return _run
-
-
-@atexit.register
-def _close():
-    if _run is not None:
-        _run.close()
-
-
-def after_epoch(args, record):
-    """After each epoch's validation: redraw ``curves.png`` and log the scalars (main process only).
-
-    ``record`` is the epoch's ``log.jsonl`` record (``epoch``, ``train_loss``,
-    ``lr``, ``dice``, ``auc``, ...), as ``train.log_epoch`` returns it.
-    """
-    if not utils.is_main_process() or not (_plots(args) or _tensorboard(args)):
-        return
-    run = _state(args)
-    epoch = record["epoch"]
-    if run.history is None:
-        run.history = run.load_history(epoch)
-    run.history.append(record)
-    if _plots(args) and run.curves_due(epoch):
-        start = time.perf_counter()
-        run.safely(CURVES_FILE, plot_curves, run.history, os.path.join(args.output_dir, CURVES_FILE))
-        run.curves_done(start)
-    if _tensorboard(args):
-        run.safely("TensorBoard log", run.log_scalars, record)
-
-
-def after_best(args, epoch, model, dataset, device=None):
-    """When the validation dice improves: ``val_preview.png`` (and the TensorBoard image) from ``model``'s
-    prediction of the first validation image (main process only; one forward pass)."""
-    if not utils.is_main_process() or not (_plots(args) or _tensorboard(args)):
-        return
-    run = _state(args)
-    run.safely(PREVIEW_FILE, run.write_preview, epoch, model, dataset, device)
