@@ -28,18 +28,19 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
 import src
-from my_dataset import DATASETS, FOV_MODES, VesselDataset, dataset_files, ensure_synthetic_drive, holdout
+from my_dataset import DATASETS, VesselDataset, dataset_files, holdout
 from train_utils import distributed_utils as utils
 from train_utils import visuals
 from train_utils.checkpoint import (CARRIED_KEYS, adopt_checkpoint_args, load_checkpoint, plain_args, resume,
                                     safe_load, save_epoch)
 from train_utils.errors import UserError, run_cli
 from train_utils.files import atomic_write, ensure_writable_folder
+from train_utils.imaging import FOV_MODES
 from train_utils.inference import inference_model
 from train_utils.recipes import RECIPES, RUN_KEYS, FlipAverage, RepeatDataset, build_optimizer, fast_width
+from train_utils.synthetic import ensure_synthetic_drive
 from train_utils.train_and_eval import autocast_dtype, create_lr_scheduler, evaluate, train_one_epoch
-from train_utils.transforms import (BASE_SIZE, CROP_SIZE, DATASET_MEAN_STD, DRIVE_MEAN, DRIVE_STD, SCALE_RANGE,
-                                   get_transform)
+from train_utils.transforms import BASE_SIZE, CROP_SIZE, DRIVE_MEAN, DRIVE_STD, SCALE_RANGE, get_transform
 from train_utils.metrics import VesselMetrics, format_metrics
 
 # ``--demo``: a run small enough for a laptop CPU that still learns the synthetic vessels.
@@ -461,7 +462,8 @@ def main(args):
 def set_default_normalisation(args):
     """mean/std not given (nor taken from a checkpoint): ImageNet's for a pretrained encoder, else the
     dataset's training-split statistics where known, else DRIVE's."""
-    mean, std = DATASET_MEAN_STD.get(getattr(args, "dataset", "drive"), (DRIVE_MEAN, DRIVE_STD))
+    spec = DATASETS[getattr(args, "dataset", "drive")]
+    mean, std = spec.mean, spec.std
     if args.mean is None:
         args.mean = list(src.IMAGENET_MEAN if args.pretrained_backbone else mean)
     if args.std is None:
