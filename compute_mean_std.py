@@ -27,8 +27,9 @@ import math
 
 import numpy as np
 
-from my_dataset import DATASETS, FOV_MODES, dataset_files, field_of_view, read_image
+from my_dataset import DATASETS, dataset_files
 from train_utils.errors import UserError, run_cli
+from train_utils.imaging import FOV_MODES, field_of_view, read_image
 
 CHANNELS = 3
 DECIMALS = 4

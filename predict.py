@@ -37,11 +37,12 @@ from PIL import Image
 
 import src
 
-from my_dataset import IMAGE_EXTS, image_size, is_image_name, palette_image, read_binary, read_image, split_ext
 from train_utils.checkpoint import model_from_checkpoint
 from train_utils.distributed_utils import resolve_device
 from train_utils.errors import UserError, run_cli
-from train_utils.inference import estimate_fov, inference_model, predict_probabilities
+from train_utils.imaging import (IMAGE_EXTS, estimate_fov, files_by_stem, image_size, is_image_name, palette_image,
+                                 read_binary, read_image, stem_of)
+from train_utils.inference import inference_model, predict_probabilities
 from train_utils.train_and_eval import autocast_dtype
 from train_utils.transforms import DRIVE_MEAN, DRIVE_STD
 
@@ -114,11 +115,6 @@ def list_inputs(path):
     return [path]
 
 
-def stem_of(path):
-    """The file name without its extension (and without ``.gz``: ``im0001.ppm.gz`` -> ``im0001``)."""
-    return split_ext(os.path.basename(path))[0]
-
-
 def find_mask(roi, img_path):
     """The FOV mask file for ``img_path``: ``roi`` itself, or ``<stem>_mask.*`` / ``<stem>.*`` in the folder ``roi``."""
     if roi is None:
@@ -128,17 +124,11 @@ def find_mask(roi, img_path):
             raise UserError(f"--roi-mask '{roi}' does not exist")
         return roi
     stem = stem_of(img_path)
-    names = sorted(n for n in os.listdir(roi) if os.path.isfile(os.path.join(roi, n)))
-    by_stem = {}
-    for n in names:
-        s, ext = split_ext(n)
-        if ext:
-            by_stem.setdefault(s, []).append(n)
+    by_stem = files_by_stem(roi)  # a stem's names with DRIVE's .gif first
     img_real = os.path.realpath(img_path)
     for candidate in (f"{stem}_mask", stem):
         found = [n for n in by_stem.get(candidate, []) if os.path.realpath(os.path.join(roi, n)) != img_real]
         if found:
-            found.sort(key=lambda n: (not n.lower().endswith(".gif"), n))  # DRIVE's .gif first
             return os.path.join(roi, found[0])
     raise UserError(f"no FOV mask for '{img_path}' in '{roi}' (looked for {stem}_mask.gif, {stem}_mask.* "
                     f"and {stem}.*)")

@@ -30,13 +30,13 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
 import src
-from my_dataset import DATASETS, FOV_MODES, RepeatDataset, VesselDataset, dataset_files, holdout
+from my_dataset import DATASETS, RepeatDataset, VesselDataset, dataset_files, holdout
 from train_utils import distributed_utils as utils
 from train_utils.checkpoint import load_checkpoint, resume, safe_load, save_epoch
 from train_utils.errors import UserError, run_cli
 from train_utils.evaluation import validate, write_test_metrics
 from train_utils.files import ensure_writable_folder
-from train_utils.imaging import image_size
+from train_utils.imaging import FOV_MODES, image_size
 from train_utils.pictures import TrainingPictures
 from train_utils.precision import cpu_has_native_bf16
 from train_utils.settings import (CROP_SIZE, DEMO_DATA, RECIPES, SCALE_RANGE, Flag, Machine, TUTORIAL,

@@ -431,7 +431,7 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             root = args.data_path
             if root is None:
-                from my_dataset import write_synthetic_drive
+                from train_utils.synthetic import write_synthetic_drive
                 h, w = args.image_size
                 root = write_synthetic_drive(tmp, num_train=args.images, num_test=args.val_images, height=h,
                                              width=w, seed=0)
@@ -444,7 +444,7 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             root = args.data_path
             if root is None:
-                from my_dataset import write_synthetic_drive
+                from train_utils.synthetic import write_synthetic_drive
                 root = write_synthetic_drive(tmp, num_train=args.images, num_test=args.val_images, seed=0)
             train_dir = os.path.join(root, "DRIVE", "training", "images")
             train_images = len([n for n in os.listdir(train_dir) if n.endswith(".tif")]) if os.path.isdir(

@@ -9,7 +9,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from my_dataset import write_synthetic_drive  # noqa: E402
+from train_utils.synthetic import write_synthetic_drive  # noqa: E402
 
 # Small enough that a training epoch takes well under a second on 2 cores.
 TINY_TRAIN = ["--base-c", "4", "--crop-size", "48", "--base-size", "64", "-b", "2", "--workers", "0",

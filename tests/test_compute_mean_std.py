@@ -13,7 +13,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from compute_mean_std import compute_mean_std  # noqa: E402
-from my_dataset import write_synthetic_drive  # noqa: E402
+from train_utils.synthetic import write_synthetic_drive  # noqa: E402
 
 SPLITS = {"training": 3, "test": 1}
 

@@ -15,11 +15,13 @@ import torch
 from PIL import Image
 
 from conftest import TINY_TRAIN, run_script, spread_output
-from my_dataset import (IGNORE_INDEX, STARE_TRAIN_COUNT, VesselDataset, dataset_files, holdout, read_image,
-                        read_label, split_ext, synthetic_fundus, write_synthetic, write_synthetic_drive)
+from my_dataset import DATASETS, STARE_TRAIN_COUNT, VesselDataset, dataset_files, holdout
 from train_utils.checkpoint import load_checkpoint
 from train_utils.errors import UserError
-from train_utils.inference import estimate_fov, evaluation_logits, predict_probabilities
+from train_utils.imaging import estimate_fov, files_by_stem, read_image, read_label, split_ext
+from train_utils.inference import evaluation_logits, predict_probabilities
+from train_utils.metrics import IGNORE_INDEX
+from train_utils.synthetic import WRITERS, synthetic_fundus, write_synthetic, write_synthetic_drive
 
 SIZE = dict(height=64, width=60)
 
@@ -86,6 +88,30 @@ def test_folder_matches_stems_and_masks(layouts, tmp_path):
     os.remove(os.path.join(root, "training", "labels", "sample002.png"))
     with pytest.raises(UserError, match=r"no label for image '.*sample002.png'"):
         dataset_files("folder", root, "training")
+
+
+def test_registry_lists_every_dataset_once(layouts, tmp_path):
+    """One entry per dataset: its reader, its statistics and sizes; a synthetic writer for each."""
+    assert list(DATASETS) == list(WRITERS) == ["drive", "chase_db1", "stare", "hrf", "folder"]
+    for name in ("chase_db1", "stare", "hrf", "folder"):
+        assert dataset_files(name, layouts[name], "test") == DATASETS[name].reader(layouts[name], "test")
+    assert DATASETS["drive"].base_size == 565 and DATASETS["hrf"].base_size is None
+    assert DATASETS["chase_db1"].mean == (0.6413, 0.2336, 0.0404) and DATASETS["hrf"].std == DATASETS["drive"].std
+    # Datasets with a mask file per image are those whose reader gives one.
+    assert all(s.mask is not None for s in dataset_files("hrf", layouts["hrf"], "training"))
+    assert all(s.mask is None for s in dataset_files("chase_db1", layouts["chase_db1"], "training"))
+    assert [DATASETS[n].fov_masks for n in DATASETS] == [True, False, False, True, None]
+    with pytest.raises(UserError, match="unknown dataset 'voc' \\(choose from drive, chase_db1"):
+        dataset_files("voc", str(tmp_path), "training")
+
+
+def test_files_by_stem_lists_image_files_gif_first(tmp_path):
+    for name in ("01_mask.png", "01_mask.gif", "01_mask.txt", "02.ppm.gz", "03.TIF"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "04.png").mkdir()  # a folder, not a file
+    assert files_by_stem(str(tmp_path)) == {"01_mask": ["01_mask.gif", "01_mask.png"], "02": ["02.ppm.gz"],
+                                            "03": ["03.TIF"]}
+    assert files_by_stem(str(tmp_path / "nowhere")) == {}
 
 
 def test_missing_layout_folders_are_one_clear_error(tmp_path):

@@ -15,11 +15,11 @@ from PIL import Image
 
 import export
 import predict
-from my_dataset import write_synthetic_drive
 from src import build_model
 from src.unet import Up
 from tests.conftest import ROOT, run_script, spread_output
 from train_utils.errors import UserError
+from train_utils.synthetic import write_synthetic_drive
 
 ODD_SIZES = [(61, 45), (77, 93)]  # (height, width)
 

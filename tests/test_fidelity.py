@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 import train
-from my_dataset import read_image
 from src import UNet
 from tests.conftest import ROOT, TINY_TRAIN, run_script
 from train_utils.distributed_utils import resolve_device, setup_for_distributed
 from train_utils.errors import UserError, run_cli
+from train_utils.imaging import read_image
 from train_utils.train_and_eval import create_lr_scheduler
 from train_utils.transforms import DRIVE_MEAN, DRIVE_STD, normalize_image
 

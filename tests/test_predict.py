@@ -9,11 +9,12 @@ import torch
 from PIL import Image
 
 import predict
-from my_dataset import synthetic_fundus, write_synthetic_drive
 from src import build_model
 from tests.conftest import run_script, spread_output
 from train_utils.errors import run_cli
-from train_utils.inference import blend_weights, estimate_fov, predict_probabilities, tile_grid
+from train_utils.imaging import estimate_fov
+from train_utils.inference import blend_weights, predict_probabilities, tile_grid
+from train_utils.synthetic import synthetic_fundus, write_synthetic_drive
 from train_utils.transforms import DRIVE_MEAN, DRIVE_STD, normalize_image
 
 H, W = 96, 90

@@ -180,7 +180,7 @@ def test_log_is_strict_json_when_a_metric_is_undefined(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from my_dataset import write_synthetic_drive
+    from train_utils.synthetic import write_synthetic_drive
     root = tmp_path / "data"
     write_synthetic_drive(str(root), num_train=4, num_test=1, height=64, width=60, seed=2)
     Image.fromarray(np.zeros((64, 60), dtype=np.uint8)).save(root / "DRIVE/test/1st_manual/01_manual1.gif")

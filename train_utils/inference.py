@@ -1,4 +1,4 @@
-"""Inference on whole photographs: sliding-window prediction with blended tiles, and a field-of-view estimate.
+"""Inference on whole photographs: sliding-window prediction with blended tiles, and the model's fused eval form.
 
 ``predict_probabilities`` runs a segmentation model over images of any size in
 memory bounded by the tile size: the (padded) image is cut into overlapping
@@ -6,14 +6,10 @@ tiles, each tile's softmax is weighted by a raised-cosine window that falls
 towards the tile's inner edges (where the network sees the least context) and
 the weighted sum is normalised, so no seams remain. An image that fits in one
 tile is predicted whole, with the same code.
-
-``estimate_fov`` finds the circular field of view of a fundus photograph from
-its dark border (numpy only).
 """
 import copy
 import math
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -170,88 +166,3 @@ def evaluation_logits(model, images, tile_size=0, tile_overlap=128, multiple=16,
                                      multiple=multiple, channels_last=channels_last)
     return probs.clamp_min(torch.finfo(torch.float32).tiny).log()  # not in place: an inference-mode tensor
 
-
-# ---------------------------------------------------------------------------
-# field of view
-
-
-def _grow(region: np.ndarray, allowed: np.ndarray, diagonal=False) -> np.ndarray:
-    """``region`` dilated by one pixel (4- or 8-neighbourhood), restricted to ``allowed``."""
-    g = region.copy()
-    g[1:] |= region[:-1]
-    g[:-1] |= region[1:]
-    g[:, 1:] |= region[:, :-1]
-    g[:, :-1] |= region[:, 1:]
-    if diagonal:
-        g[1:, 1:] |= region[:-1, :-1]
-        g[1:, :-1] |= region[:-1, 1:]
-        g[:-1, 1:] |= region[1:, :-1]
-        g[:-1, :-1] |= region[1:, 1:]
-    return g & allowed
-
-
-def _flood(allowed: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-    """The pixels of ``allowed`` 4-connected to ``seeds``."""
-    region = seeds & allowed
-    count = int(region.sum())
-    while True:
-        region = _grow(region, allowed)
-        new = int(region.sum())
-        if new == count:
-            return region
-        count = new
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected component of ``mask``, trying the ones nearest the centre first."""
-    h, w = mask.shape
-    yy, xx = np.mgrid[0:h, 0:w]
-    dist = (yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2
-    remaining, best, best_size = mask.copy(), np.zeros_like(mask), 0
-    while remaining.sum() > best_size:
-        seed = np.zeros_like(mask)
-        seed.flat[np.argmin(np.where(remaining, dist, np.inf))] = True
-        comp = _flood(remaining, seed)
-        if comp.sum() > best_size:
-            best, best_size = comp, int(comp.sum())
-        remaining &= ~comp
-    return best
-
-
-def _fill_holes(mask: np.ndarray) -> np.ndarray:
-    """``mask`` with every background region that does not reach the image border filled."""
-    border = np.zeros_like(mask)
-    border[[0, -1], :] = True
-    border[:, [0, -1]] = True
-    return ~_flood(~mask, border)
-
-
-def estimate_fov(image: np.ndarray, level: float = 0.1, grid: int = 256):
-    """The field of view of a fundus photograph (RGB uint8 ``[H, W, 3]``) as a bool ``[H, W]`` map.
-
-    A pixel is bright enough when its brightest channel exceeds the dark
-    border's level (1st percentile) by ``level`` of the image's range (to the
-    99th percentile). The largest bright region, with its holes (dark vessels,
-    lesions) filled, is found on a grid of at most ``grid`` cells a side; its
-    inside is kept whole and its rim is taken pixel by pixel from the
-    threshold. Returns (fov, threshold).
-    """
-    bright = image.max(axis=2) if image.ndim == 3 else image
-    lo, hi = np.percentile(bright, [1, 99])
-    threshold = float(lo + max(level * (hi - lo), 2.0))
-    fg = bright > threshold
-    h, w = fg.shape
-    f = max(1, math.ceil(max(h, w) / grid))
-    hc, wc = -(-h // f), -(-w // f)
-    padded = np.zeros((hc * f, wc * f), dtype=bool)
-    padded[:h, :w] = fg
-    coarse = padded.reshape(hc, f, wc, f).mean(axis=(1, 3)) > 0.5
-    region = _fill_holes(_largest_component(coarse))
-    everywhere = np.ones_like(region)
-    core = ~_grow(~region, everywhere, diagonal=True)  # cells whose 8 neighbours are all in the region
-    rim = _grow(region, everywhere, diagonal=True) & ~core
-
-    def up(a):
-        return np.repeat(np.repeat(a, f, axis=0), f, axis=1)[:h, :w]
-
-    return up(core) | (up(rim) & fg), threshold

@@ -33,6 +33,7 @@ from typing import NamedTuple, Optional
 
 from .errors import UserError
 
+# The tutorial's DRIVE statistics (compute_mean_std.py) and sizes.
 DRIVE_MEAN = (0.709, 0.381, 0.224)
 DRIVE_STD = (0.127, 0.079, 0.043)
 BASE_SIZE = 565

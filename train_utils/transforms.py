@@ -17,21 +17,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-# The tutorial's DRIVE statistics and sizes: the defaults of every script.
-DRIVE_MEAN = (0.709, 0.381, 0.224)
-DRIVE_STD = (0.127, 0.079, 0.043)
-# Other datasets' training-split statistics inside the (estimated) FOV, by compute_mean_std.py --dataset:
-# CHASE_DB1 images 01-10, STARE's first 10 labelled images. HRF and folders default to DRIVE's.
-DATASET_MEAN_STD = {
-    "drive": (DRIVE_MEAN, DRIVE_STD),
-    "chase_db1": ((0.6413, 0.2336, 0.0404), (0.2314, 0.1091, 0.0386)),
-    "stare": ((0.7421, 0.4000, 0.1208), (0.2221, 0.1408, 0.1224)),
-}
-BASE_SIZE = 565
-CROP_SIZE = 480
-# The tutorial resizes the shorter side of a training image to a random [0.5, 1.2] x BASE_SIZE.
-SCALE_RANGE = (0.5, 1.2)
-IGNORE_INDEX = 255
+from .metrics import IGNORE_INDEX
+# The tutorial's DRIVE statistics and sizes, the presets' defaults, are decided with every other setting.
+from .settings import BASE_SIZE, CROP_SIZE, DRIVE_MEAN, DRIVE_STD, SCALE_RANGE
 
 
 class PadIfSmaller(v2.Transform):

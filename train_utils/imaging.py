@@ -1,0 +1,299 @@
+"""Image I/O of the vessel datasets: decoding, the label and FOV-mask rules, file names, and the FOV estimate.
+
+Everything here works on numpy arrays (``[H, W, 3]`` photographs, ``[H, W]``
+labels and masks); the datasets in my_dataset.py turn them into tensors or
+PIL images. Unreadable or mismatched files are one clear ``UserError``.
+"""
+import gzip
+import io
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+from .errors import UserError
+from .metrics import IGNORE_INDEX
+
+# Suffixes Pillow decodes that these datasets use (a trailing .gz is allowed too).
+IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".ppm", ".pgm", ".pbm", ".pnm")
+# The field of view of a photograph without a mask file: estimated from its dark border, or every pixel.
+FOV_MODES = ("estimate", "all")
+
+
+# ---------------------------------------------------------------------------
+# file names
+
+
+def split_ext(name):
+    """(stem, extension) with a trailing ``.gz`` kept in the extension: ``im0001.ppm.gz`` -> ``im0001``."""
+    base, ext = os.path.splitext(name)
+    if ext.lower() == ".gz":
+        base, inner = os.path.splitext(base)
+        ext = inner + ext
+    return base, ext
+
+
+def stem_of(path):
+    """The file name without its folder and extension (and without ``.gz``: ``im0001.ppm.gz`` -> ``im0001``)."""
+    return split_ext(os.path.basename(path))[0]
+
+
+def is_image_name(name):
+    ext = split_ext(name)[1].lower()
+    return ext.removesuffix(".gz") in IMAGE_EXTS
+
+
+def list_files(folder):
+    """The names of the files in ``folder``, sorted."""
+    # Sorted: os.listdir's order differs between file systems, and so would the runs.
+    return sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+
+
+def files_by_stem(folder):
+    """{stem: [file names]} of the image files in ``folder`` (``.gz`` allowed); empty if there is no such folder.
+
+    One listing per folder, looked up per image. A stem's names are sorted
+    with ``.gif`` first (DRIVE's masks), then by name.
+    """
+    found = {}
+    if os.path.isdir(folder):
+        for name in sorted(list_files(folder), key=lambda n: (not n.lower().endswith(".gif"), n)):
+            if is_image_name(name):
+                found.setdefault(stem_of(name), []).append(name)
+    return found
+
+
+# ---------------------------------------------------------------------------
+# decoding
+
+
+def open_image(path):
+    """``PIL.Image.open`` that also reads gzip-compressed files (``.ppm.gz`` as STARE's archives unpack)."""
+    if path.lower().endswith(".gz"):
+        with gzip.open(path, "rb") as f:
+            return Image.open(io.BytesIO(f.read()))
+    return Image.open(path)
+
+
+def _decode(path, convert):
+    """``convert(image)`` of the opened file, which is closed again; a missing or broken file is a UserError."""
+    try:
+        with open_image(path) as im:
+            return convert(im)
+    except FileNotFoundError:
+        raise UserError(f"file '{path}' does not exist") from None
+    except (OSError, EOFError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot decode image '{path}': {e}") from None
+
+
+def read_image(path, mode):
+    """Decode an image file into a numpy array of the given PIL mode ('RGB' or 'L'), closing the file."""
+    return _decode(path, lambda im: np.array(im.convert(mode)))
+
+
+def image_size(path):
+    """(width, height) of an image file; decodes only the header unless the file is gzip-compressed."""
+    return _decode(path, lambda im: im.size)
+
+
+# ---------------------------------------------------------------------------
+# labels and masks
+
+
+def binary_from_gray(gray):
+    """0/255 (or 0/1) gray levels as a bool map.
+
+    Labels or masks that were resized with interpolation have grey edges: a
+    pixel counts as set when it is at least 128 (half of 255). A file whose
+    maximum is 1 is read as a 0/1 image.
+    """
+    if gray.max() == 1:
+        return gray == 1
+    return gray >= 128
+
+
+def _check_shape(arr, path, img_path, shape):
+    if arr.shape != tuple(shape):
+        raise UserError(f"'{path}' is {arr.shape[1]}x{arr.shape[0]} but its image '{img_path}' is "
+                        f"{shape[1]}x{shape[0]} (width x height)")
+    return arr
+
+
+def read_binary(path, img_path, shape):
+    """A label or FOV mask as a bool map, checked to be the size (H, W) of its image ``img_path``."""
+    return _check_shape(binary_from_gray(read_image(path, "L")), path, img_path, shape)
+
+
+def _class_indices(im):
+    """The pixel values of a label image as class indices: palette indices for 'P', gray levels otherwise."""
+    if im.mode in ("P", "L"):
+        return np.array(im)
+    if im.mode == "1":
+        return np.array(im).astype(np.uint8)
+    if im.mode in ("I", "I;16", "I;16B", "I;16L"):
+        return np.array(im).astype(np.int64)
+    if im.mode in ("RGB", "RGBA"):
+        arr = np.array(im)
+        if (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all():
+            return arr[..., 0]  # a grey label saved as RGB (STARE's .ppm)
+    raise ValueError(f"a label must be a class-index (grey) or palette image, not mode {im.mode}")
+
+
+def _grey_palette(im):
+    """Whether a palette image's used colours are all grey (a binary mask saved as GIF/PNG with a palette)."""
+    palette = np.array(im.getpalette() or [], dtype=np.int64).reshape(-1, 3)
+    used = np.unique(np.array(im))
+    used = used[used < len(palette)]
+    colours = palette[used]
+    return bool((colours[:, 0] == colours[:, 1]).all() and (colours[:, 1] == colours[:, 2]).all())
+
+
+def _label_values(im, num_classes):
+    """(values, are class indices): grey levels for a one-class label, as the tutorial reads DRIVE's GIFs;
+    class indices for more classes, and for colour-palette images (the VOC convention) always."""
+    if num_classes == 1 and not (im.mode == "P" and not _grey_palette(im)):
+        return np.array(im.convert("L")), False
+    return _class_indices(im), True
+
+
+def read_label(path, img_path, shape, num_classes=1):
+    """A label file as uint8 class indices [H, W], 255 = ignored.
+
+    One foreground class (``num_classes=1``): 0/255 images (also 0/1; grey
+    interpolated edges split at 128), or 0/1 with 255 ignored. More classes
+    (or a colour palette): class-index or palette images holding
+    0..num_classes, and 255 for ignored pixels.
+    """
+    try:
+        values, indices = _decode(path, lambda im: _label_values(im, num_classes))
+    except UserError as e:
+        if "a label must be" in str(e):
+            raise UserError(f"label '{path}': {str(e).split(': ', 1)[1]}") from None
+        raise
+    _check_shape(values, path, img_path, shape)
+    present = set(np.unique(values).tolist())
+    if num_classes == 1 and not indices:
+        if 1 in present and present <= {0, 1, IGNORE_INDEX}:
+            return values.astype(np.uint8)
+        return binary_from_gray(values).astype(np.uint8)
+    bad = sorted(v for v in present if v > num_classes and v != IGNORE_INDEX)
+    if bad:
+        raise UserError(f"label '{path}' holds class {bad[0]}, but --num-classes {num_classes} allows "
+                        f"0..{num_classes} (and {IGNORE_INDEX} for ignored pixels)")
+    return values.astype(np.uint8)
+
+
+def palette_image(classes, colours, other=(0, 0, 0)):
+    """A palette ('P') image of uint8 class indices: class c drawn in ``colours[c]``, classes beyond in ``other``.
+
+    Class-index PNGs that open in any viewer: predict.py's masks, the synthetic palette labels.
+    """
+    im = Image.fromarray(classes.astype(np.uint8))  # 'L'; putpalette makes it 'P' with the same indices
+    im.putpalette([v for c in range(256) for v in (colours[c] if c < len(colours) else other)])
+    return im
+
+
+# ---------------------------------------------------------------------------
+# field of view
+
+
+def _grow(region: np.ndarray, allowed: np.ndarray, diagonal=False) -> np.ndarray:
+    """``region`` dilated by one pixel (4- or 8-neighbourhood), restricted to ``allowed``."""
+    g = region.copy()
+    g[1:] |= region[:-1]
+    g[:-1] |= region[1:]
+    g[:, 1:] |= region[:, :-1]
+    g[:, :-1] |= region[:, 1:]
+    if diagonal:
+        g[1:, 1:] |= region[:-1, :-1]
+        g[1:, :-1] |= region[:-1, 1:]
+        g[:-1, 1:] |= region[1:, :-1]
+        g[:-1, :-1] |= region[1:, 1:]
+    return g & allowed
+
+
+def _flood(allowed: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """The pixels of ``allowed`` 4-connected to ``seeds``."""
+    region = seeds & allowed
+    count = int(region.sum())
+    while True:
+        region = _grow(region, allowed)
+        new = int(region.sum())
+        if new == count:
+            return region
+        count = new
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of ``mask``, trying the ones nearest the centre first."""
+    h, w = mask.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    dist = (yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2
+    remaining, best, best_size = mask.copy(), np.zeros_like(mask), 0
+    while remaining.sum() > best_size:
+        seed = np.zeros_like(mask)
+        seed.flat[np.argmin(np.where(remaining, dist, np.inf))] = True
+        comp = _flood(remaining, seed)
+        if comp.sum() > best_size:
+            best, best_size = comp, int(comp.sum())
+        remaining &= ~comp
+    return best
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every background region that does not reach the image border filled."""
+    border = np.zeros_like(mask)
+    border[[0, -1], :] = True
+    border[:, [0, -1]] = True
+    return ~_flood(~mask, border)
+
+
+def estimate_fov(image: np.ndarray, level: float = 0.1, grid: int = 256):
+    """The field of view of a fundus photograph (RGB uint8 ``[H, W, 3]``) as a bool ``[H, W]`` map.
+
+    A pixel is bright enough when its brightest channel exceeds the dark
+    border's level (1st percentile) by ``level`` of the image's range (to the
+    99th percentile). The largest bright region, with its holes (dark vessels,
+    lesions) filled, is found on a grid of at most ``grid`` cells a side; its
+    inside is kept whole and its rim is taken pixel by pixel from the
+    threshold. Returns (fov, threshold).
+    """
+    bright = image.max(axis=2) if image.ndim == 3 else image
+    lo, hi = np.percentile(bright, [1, 99])
+    threshold = float(lo + max(level * (hi - lo), 2.0))
+    fg = bright > threshold
+    h, w = fg.shape
+    f = max(1, math.ceil(max(h, w) / grid))
+    hc, wc = -(-h // f), -(-w // f)
+    padded = np.zeros((hc * f, wc * f), dtype=bool)
+    padded[:h, :w] = fg
+    coarse = padded.reshape(hc, f, wc, f).mean(axis=(1, 3)) > 0.5
+    region = _fill_holes(_largest_component(coarse))
+    everywhere = np.ones_like(region)
+    core = ~_grow(~region, everywhere, diagonal=True)  # cells whose 8 neighbours are all in the region
+    rim = _grow(region, everywhere, diagonal=True) & ~core
+
+    def up(a):
+        return np.repeat(np.repeat(a, f, axis=0), f, axis=1)[:h, :w]
+
+    return up(core) | (up(rim) & fg), threshold
+
+
+def field_of_view(img, mask_path, img_path, fov="estimate"):
+    """The FOV of one photograph: its mask file, else estimated (as predict.py does) or everything."""
+    if mask_path is not None:
+        return read_binary(mask_path, img_path, img.shape[:2])
+    if fov == "all":
+        return np.ones(img.shape[:2], dtype=bool)
+    if fov == "masks":  # a dataset whose every image has a mask file (its registry entry says so)
+        raise UserError(f"no FOV mask file for image '{img_path}'")
+    return estimate_fov(img)[0]
+
+
+def load_sample(img_path, label_path, mask_path, num_classes=1, fov="estimate"):
+    """(image uint8 [H, W, 3], target uint8 [H, W]) with the label's classes inside the FOV and 255 outside."""
+    img = read_image(img_path, "RGB")
+    label = read_label(label_path, img_path, img.shape[:2], num_classes)
+    inside = field_of_view(img, mask_path, img_path, fov)
+    return img, np.where(inside, label, IGNORE_INDEX).astype(np.uint8)
