@@ -427,24 +427,21 @@ def test_multiclass_folder_dataset_end_to_end(layouts, tmp_path):
                         r"\(and 255 for ignored pixels\)", r.stderr.strip())
 
 
-def test_default_sizes_are_the_tutorials_for_drive_and_the_images_elsewhere():
-    import argparse
-
+def test_default_sizes_are_the_tutorials_for_drive_and_the_images_elsewhere(tmp_path):
+    """--base-size: DRIVE's 565 (the tutorial's); elsewhere the median shorter side of the images it trains on.
+    --crop-size: the tutorial's 480, or the base size if smaller. Typed values win."""
     import train
+    from train_utils.settings import Machine, resolve_settings
 
-    class Sized:
-        def __init__(self, sizes):
-            self.sizes = sizes
+    def sizes(*argv):
+        args = train.parse_args(train.get_args_parser(), [str(a) for a in argv])
+        s = resolve_settings(args, None, Machine("cpu", False), train.dataset_facts)
+        return s.base_size, s.crop_size
 
-        def image_sizes(self):
-            return self.sizes
-
-    for dataset, sizes, expected in (("drive", [(584, 565)], (565, 480)),
-                                     ("chase_db1", [(960, 999)] * 3, (960, 480)),
-                                     ("folder", [(100, 120), (90, 300), (200, 80)], (90, 90))):
-        args = argparse.Namespace(dataset=dataset, base_size=None, crop_size=None, scale_range=(0.5, 1.2))
-        train.default_sizes(args, Sized(sizes))
-        assert (args.base_size, args.crop_size) == expected, dataset
-    typed = argparse.Namespace(dataset="stare", base_size=300, crop_size=128, scale_range=(0.5, 1.2))
-    train.default_sizes(typed, Sized([(605, 700)]))
-    assert (typed.base_size, typed.crop_size) == (300, 128)
+    drive = tmp_path / "drive"
+    write_synthetic(str(drive), "drive", 3, 1, seed=0, height=100, width=90)
+    assert sizes("--data-path", drive) == (565, 480)
+    folder = tmp_path / "folder"
+    write_synthetic(str(folder), "folder", 3, 1, seed=0, height=100, width=90)
+    assert sizes("--dataset", "folder", "--data-path", folder) == (90, 90)
+    assert sizes("--dataset", "folder", "--data-path", folder, "--base-size", 300, "--crop-size", 128) == (300, 128)

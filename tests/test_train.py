@@ -90,10 +90,14 @@ def test_validation_does_not_change_the_trained_model(drive_root, tmp_path):
 
 
 def test_demo_flag_sets_cpu_sized_defaults():
-    args = parse("--demo", "--epochs", "1")
-    assert args.epochs == 1 and args.data_path == train.DEMO_DEFAULTS["data_path"]
-    assert args.base_c == train.DEMO_DEFAULTS["base_c"] and args.device == "cpu"
-    assert parse().epochs == 200 and parse().base_c == 32  # the tutorial's defaults otherwise
+    from train_utils.settings import DEMO, Machine, resolve_settings
+
+    def resolve(*argv):
+        return resolve_settings(parse(*argv), None, Machine("cuda", False))
+    args = resolve("--demo", "--epochs", "1")
+    assert args.epochs == 1 and args.data_path == DEMO["data_path"]
+    assert args.base_c == DEMO["base_c"] and args.device == "cpu"
+    assert resolve().epochs == 200 and resolve().base_c == 32  # the tutorial's defaults otherwise
 
 
 @pytest.mark.parametrize("argv,message", [
