@@ -42,7 +42,7 @@ from train_utils.checkpoint import model_from_checkpoint
 from train_utils.distributed_utils import resolve_device
 from train_utils.errors import UserError, run_cli
 from train_utils.inference import estimate_fov, inference_model, predict_probabilities
-from train_utils.train_and_eval import autocast_dtype
+from train_utils.precision import autocast_dtype
 from train_utils.transforms import DRIVE_MEAN, DRIVE_STD
 
 OVERLAY_ALPHA = 0.6

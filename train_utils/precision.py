@@ -1,0 +1,32 @@
+"""Mixed precision: the autocast dtype ``--amp`` asks for on a device, and whether the CPU has bfloat16 hardware."""
+import torch
+
+
+def cpu_has_native_bf16():
+    """Does this CPU multiply bfloat16 in hardware (AMX tiles or AVX512-BF16)?
+
+    Only there is bfloat16 autocast faster than float32 on the CPU (a U-Net
+    training step 2.6-3.6x faster with AMX, in channels_last:
+    ``benchmarks/benchmark.py --mode precision``); elsewhere oneDNN emulates
+    it, slower than float32.
+    """
+    try:
+        return bool(torch.backends.mkldnn.is_available()
+                    and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()))
+    except AttributeError:  # a PyTorch without these probes: assume the common case, no bfloat16 hardware
+        return False
+
+
+def autocast_dtype(device, amp, dtype=None):
+    """The autocast dtype for ``--amp``: ``dtype`` if named, else float16 on CUDA and bfloat16 on the CPU.
+
+    None without AMP. ``amp="auto"`` (the fast recipe's) turns AMP on only where
+    it is faster: on CUDA, and on CPUs with bfloat16 hardware.
+    """
+    if amp == "auto":
+        amp = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    if not amp:
+        return None
+    if dtype:
+        return getattr(torch, dtype)
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
