@@ -12,9 +12,12 @@ from PIL import Image
 import train
 from my_dataset import DriveDataset
 from tests.conftest import TINY_TRAIN, run_script, spread_output
-from train_utils.recipes import RECIPES, FlipAverage, RepeatDataset, fast_width
-from train_utils import train_and_eval
-from train_utils.train_and_eval import autocast_dtype, cpu_has_native_bf16, create_lr_scheduler
+from train_utils import precision
+from train_utils.evaluation import validate
+from train_utils.inference import FlipAverage
+from train_utils.precision import autocast_dtype, cpu_has_native_bf16
+from train_utils.recipes import RECIPES, RepeatDataset, fast_width
+from train_utils.train_and_eval import create_lr_scheduler
 from train_utils.transforms import get_transform
 
 
@@ -55,9 +58,9 @@ def test_fast_recipe_sets_its_defaults_and_typed_flags_win():
 def test_amp_auto_is_on_only_where_it_is_faster(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert isinstance(cpu_has_native_bf16(), bool)
-    monkeypatch.setattr(train_and_eval, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     assert autocast_dtype(cpu, "auto") is torch.bfloat16
-    monkeypatch.setattr(train_and_eval, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     assert autocast_dtype(cpu, "auto") is None  # emulated bfloat16 would be slower than float32
     assert autocast_dtype(cuda, "auto") is torch.float16
     assert autocast_dtype(cuda, "auto", "bfloat16") is torch.bfloat16
@@ -157,8 +160,9 @@ def test_eval_tta_scores_the_flip_average(drive_root):
     spread_output(model, torch.stack([dataset[i][0] for i in range(len(dataset))]))
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=DriveDataset.collate_fn)
     cpu = torch.device("cpu")
-    _, dice_tta, vessel_tta = train.report_validation(model, loader, cpu, 2, tta=True)
-    _, dice_plain, _ = train.report_validation(model, loader, cpu, 2, tta=False)
+    result = validate(model, loader, cpu, 2, tta=True)
+    dice_tta, vessel_tta = result.dice, result.vessel
+    dice_plain = validate(model, loader, cpu, 2, tta=False).dice
     assert dice_tta == pytest.approx(_manual_flip_dice(model, dataset), abs=1e-5)
     assert abs(dice_tta - dice_plain) > 1e-4  # the flips changed the prediction: the test can tell them apart
     # The wrapper's output is the log of the averaged probabilities, so softmax gives them back.
