@@ -43,7 +43,7 @@ from train_utils.errors import UserError, run_cli
 from train_utils.imaging import (IMAGE_EXTS, estimate_fov, files_by_stem, image_size, is_image_name, palette_image,
                                  read_binary, read_image, stem_of)
 from train_utils.inference import inference_model, predict_probabilities
-from train_utils.train_and_eval import autocast_dtype
+from train_utils.precision import autocast_dtype
 from train_utils.transforms import DRIVE_MEAN, DRIVE_STD
 
 OVERLAY_ALPHA = 0.6

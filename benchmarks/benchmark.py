@@ -199,7 +199,8 @@ def step_child(args):
     import torch
 
     import src
-    from train_utils.recipes import RECIPES, build_optimizer
+    from train_utils.settings import RECIPES
+    from train_utils.train_and_eval import build_optimizer
     from train_utils.train_and_eval import criterion
 
     torch.manual_seed(0)
@@ -283,7 +284,7 @@ PRECISIONS = (("float32", "NCHW"), ("float32", "channels_last"), ("bfloat16", "N
 def run_precisions(args):
     """One training step on the CPU in float32 and under bfloat16 autocast, each in NCHW and channels_last, with
     the allocator train.py would preload (tcmalloc when installed); ratios against float32 NCHW, the default."""
-    from train_utils.train_and_eval import cpu_has_native_bf16
+    from train_utils.precision import cpu_has_native_bf16
 
     lib = find_tcmalloc()
     env = clean_env(**({"LD_PRELOAD": lib} if lib else {}))

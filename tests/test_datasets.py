@@ -19,7 +19,7 @@ from my_dataset import DATASETS, STARE_TRAIN_COUNT, VesselDataset, dataset_files
 from train_utils.checkpoint import load_checkpoint
 from train_utils.errors import UserError
 from train_utils.imaging import estimate_fov, files_by_stem, read_image, read_label, split_ext
-from train_utils.inference import evaluation_logits, predict_probabilities
+from train_utils.inference import evaluation_log_probs, predict_probabilities
 from train_utils.metrics import IGNORE_INDEX
 from train_utils.synthetic import WRITERS, synthetic_fundus, write_synthetic, write_synthetic_drive
 
@@ -325,8 +325,8 @@ def test_tiled_validation_is_predict_pys_tiled_prediction():
     x = normalize_image(image)
     with torch.no_grad():
         plain = model(x)["out"]
-        whole = evaluation_logits(model, x, tile_size=0)
-        tiled = evaluation_logits(model, x, tile_size=32, tile_overlap=16)
+        whole = evaluation_log_probs(model, x, tile_size=0)
+        tiled = evaluation_log_probs(model, x, tile_size=32, tile_overlap=16)
     assert torch.equal(whole, plain)  # images that fit: the plain forward pass, as the tutorial's evaluation
     probs, tiles = predict_probabilities(model, image, [0.709, 0.381, 0.224], [0.127, 0.079, 0.043],
                                          tile_size=32, tile_overlap=16)

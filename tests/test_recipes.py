@@ -1,5 +1,6 @@
 """``--recipe``: its defaults, the pieces it switches on (AdamW, cosine schedule, repeated crops, flip-averaged
 evaluation, rarer validation), what its checkpoint hands on, and the benchmark that compares the recipes."""
+import argparse
 import json
 import math
 import os
@@ -10,16 +11,22 @@ import torch
 from PIL import Image
 
 import train
-from my_dataset import DriveDataset
+from my_dataset import DriveDataset, RepeatDataset, VesselDataset, drive_files
 from tests.conftest import TINY_TRAIN, run_script, spread_output
-from train_utils.recipes import RECIPES, FlipAverage, RepeatDataset, fast_width
-from train_utils import train_and_eval
-from train_utils.train_and_eval import autocast_dtype, cpu_has_native_bf16, create_lr_scheduler
+from train_utils.evaluation import validate
+from train_utils.inference import FlipAverage
+from train_utils.precision import autocast_dtype, cpu_has_native_bf16
+from train_utils.settings import RECIPES, Machine, fast_width, resolve_settings
+from train_utils.train_and_eval import create_lr_scheduler
 from train_utils.transforms import get_transform
 
 
 def parse(*argv):
     return train.parse_args(train.get_args_parser(), [str(a) for a in argv])
+
+
+def resolve(*argv, machine=Machine("cpu", cpu_bf16=False)):
+    return resolve_settings(parse(*argv), None, machine)
 
 
 def read_log(out):
@@ -28,53 +35,59 @@ def read_log(out):
 
 
 def test_fast_recipe_sets_its_defaults_and_typed_flags_win():
-    tutorial = parse()
+    tutorial = resolve()
     assert (tutorial.recipe, tutorial.base_c, tutorial.opt, tutorial.lr, tutorial.weight_decay) == (
         "tutorial", 32, "sgd", 0.01, 1e-4)
-    # crop_size None: resolved to the tutorial's 480 for DRIVE when the data is read (build_datasets)
+    # crop_size None: resolved to the tutorial's 480 for DRIVE from the dataset's base size
     assert (tutorial.lr_schedule, tutorial.crop_size, tutorial.batch_size, tutorial.epochs) == ("poly", None, 4, 200)
     assert (tutorial.crops_per_image, tutorial.rotate, tutorial.color_jitter, tutorial.eval_tta,
             tutorial.eval_every, tuple(tutorial.scale_range)) == (1, 0.0, 0.0, False, 1, (0.5, 1.2))
 
-    fast = parse("--recipe", "fast")
+    fast = resolve("--recipe", "fast")
     for key, value in RECIPES["fast"].items():
-        assert getattr(fast, key) == value, key
-    assert fast.opt == "adamw" and fast.base_c is None and fast.eval_tta is True and fast.crops_per_image == 4
+        if key not in ("base_c", "amp"):  # decided by the machine
+            assert getattr(fast, key) == value, key
+    assert fast.opt == "adamw" and fast.base_c == 16 and fast.eval_tta is True and fast.crops_per_image == 4
 
-    typed = parse("--recipe", "fast", "--base-c", 32, "--no-eval-tta", "--opt", "sgd", "--epochs", 3)
+    typed = resolve("--recipe", "fast", "--base-c", 32, "--no-eval-tta", "--opt", "sgd", "--epochs", 3)
     assert (typed.base_c, typed.eval_tta, typed.opt, typed.epochs) == (32, False, "sgd", 3)
     assert typed.lr_schedule == "cosine" and typed.crop_size == 256 and typed.batch_size == 4  # the recipe's
-    assert {"base_c", "eval_tta", "opt", "epochs", "recipe"} <= typed.explicit_flags
+    assert {typed.source(k) for k in ("base_c", "eval_tta", "opt", "epochs", "recipe")} == {"flag"}
 
     # --demo's sizes win over the recipe's; the recipe keeps its optimiser, augmentation and evaluation.
-    demo = parse("--demo", "--recipe", "fast")
+    demo = resolve("--demo", "--recipe", "fast")
     assert (demo.crop_size, demo.base_size, demo.batch_size, demo.epochs) == (96, 128, 4, 30)
     assert (demo.opt, demo.lr_schedule, demo.rotate, demo.eval_tta) == ("adamw", "cosine", 90.0, True)
 
 
-def test_amp_auto_is_on_only_where_it_is_faster(monkeypatch):
+def test_amp_auto_is_on_only_where_it_is_faster():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert isinstance(cpu_has_native_bf16(), bool)
-    monkeypatch.setattr(train_and_eval, "cpu_has_native_bf16", lambda: True)
-    assert autocast_dtype(cpu, "auto") is torch.bfloat16
-    monkeypatch.setattr(train_and_eval, "cpu_has_native_bf16", lambda: False)
-    assert autocast_dtype(cpu, "auto") is None  # emulated bfloat16 would be slower than float32
-    assert autocast_dtype(cuda, "auto") is torch.float16
-    assert autocast_dtype(cuda, "auto", "bfloat16") is torch.bfloat16
+    amx = Machine("cpu", cpu_bf16=True)
+    fast = resolve("--recipe", "fast", machine=amx)
+    assert (fast.amp, fast.amp_dtype) == (True, "bfloat16")
+    fast = resolve("--recipe", "fast")
+    assert (fast.amp, fast.amp_dtype) == (False, None)  # emulated bfloat16 would be slower than float32
+    fast = resolve("--recipe", "fast", machine=Machine("cuda", cpu_bf16=False))
+    assert (fast.amp, fast.amp_dtype) == (True, "float16")
+    assert resolve("--recipe", "fast", "--amp-dtype", "bfloat16", machine=Machine("cuda", False)).amp_dtype == \
+        "bfloat16"
     # A typed --amp / --no-amp is obeyed on any CPU.
+    assert resolve("--amp").amp_dtype == "bfloat16" and resolve("--recipe", "fast", "--no-amp", machine=amx).amp is False
     assert autocast_dtype(cpu, True) is torch.bfloat16 and autocast_dtype(cpu, False) is None
+    assert autocast_dtype(cuda, True) is torch.float16
 
     # bfloat16 on the CPU trains in channels_last (oneDNN's faster layout for it); float32 on the CPU stays
     # NCHW for its exact BatchNorm statistics; a typed --channels-last / --no-channels-last wins.
-    assert train.default_train_channels_last(cpu, None, torch.bfloat16) is True
-    assert train.default_train_channels_last(cpu, None, None) is False
-    assert train.default_train_channels_last(cpu, False, torch.bfloat16) is False
-    assert train.default_train_channels_last(cuda, None, None) is True
+    assert resolve("--amp", machine=amx).channels_last is True
+    assert resolve().channels_last is False
+    assert resolve("--amp", "--no-channels-last", machine=amx).channels_last is False
+    assert resolve(machine=Machine("cuda", False)).channels_last is True
 
-    assert parse().amp is False and parse("--amp").amp is True
-    assert parse("--recipe", "fast").amp == "auto" and parse("--recipe", "fast", "--no-amp").amp is False
+    assert resolve().amp is False and resolve("--amp").amp is True
     # The fast recipe's width follows the precision: the tutorial's 32 with AMP, 16 in float32; 50 epochs both.
-    assert fast_width(torch.bfloat16) == fast_width(torch.float16) == 32 and fast_width(None) == 16
+    assert resolve("--recipe", "fast", machine=amx).base_c == 32 and resolve("--recipe", "fast").base_c == 16
+    assert fast_width(True) == 32 and fast_width(False) == 16
     assert RECIPES["fast"]["epochs"] == 50
 
 
@@ -117,11 +130,11 @@ def test_scheduler_matches_the_formula(schedule):
         assert seen[num_step + (epochs - 1) * num_step // 2] < base_lr * 0.6
 
 
-def test_crops_per_image_repeats_every_image(drive_root):
-    args = parse("--data-path", drive_root, *TINY_TRAIN, "--crops-per-image", 3)
-    args.distributed, args.world_size = False, 1
-    train.set_default_normalisation(args)
-    loader, _ = train.build_data_loaders(args, torch.device("cpu"))
+def test_crops_per_image_repeats_every_image(drive_root, tmp_path):
+    args = parse("--data-path", drive_root, *TINY_TRAIN, "--crops-per-image", 3, "--output-dir", tmp_path)
+    s = resolve_settings(args, None, Machine("cpu", False), train.dataset_facts)
+    proc = argparse.Namespace(distributed=False, world_size=1)
+    loader, _ = train.build_data_loaders(s, proc, torch.device("cpu"))
     assert isinstance(loader.dataset, RepeatDataset) and len(loader.dataset) == 3 * 4
     sizes = [img.shape[0] for img, _ in loader]
     assert sum(sizes) == 12 and len(sizes) == 6  # batch 2
@@ -153,12 +166,13 @@ def _manual_flip_dice(model, dataset):
 def test_eval_tta_scores_the_flip_average(drive_root):
     torch.manual_seed(0)
     model = train.create_model(2, base_c=4).eval()
-    dataset = DriveDataset(drive_root, train=False, transforms=get_transform(False))
+    dataset = VesselDataset(drive_files(drive_root, "test"), transforms=get_transform(False))
     spread_output(model, torch.stack([dataset[i][0] for i in range(len(dataset))]))
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=DriveDataset.collate_fn)
     cpu = torch.device("cpu")
-    _, dice_tta, vessel_tta = train.report_validation(model, loader, cpu, 2, tta=True)
-    _, dice_plain, _ = train.report_validation(model, loader, cpu, 2, tta=False)
+    result = validate(model, loader, cpu, 2, tta=True)
+    dice_tta, vessel_tta = result.dice, result.vessel
+    dice_plain = validate(model, loader, cpu, 2, tta=False).dice
     assert dice_tta == pytest.approx(_manual_flip_dice(model, dataset), abs=1e-5)
     assert abs(dice_tta - dice_plain) > 1e-4  # the flips changed the prediction: the test can tell them apart
     # The wrapper's output is the log of the averaged probabilities, so softmax gives them back.
@@ -184,7 +198,7 @@ def test_fast_run_records_its_recipe_and_test_only_uses_it(drive_root, tmp_path)
     saved = ckpt["args"]
     assert saved["recipe"] == "fast" and saved["eval_tta"] is True and saved["opt"] == "adamw"
     assert saved["crops_per_image"] == 4 and saved["base_c"] == 4  # TINY_TRAIN's width won
-    assert saved["amp"] == "auto"  # resolved per machine, so a resume on a GPU uses its AMP
+    assert saved["amp"] is None  # "where it is faster": resolved per machine, so a resume on a GPU uses its AMP
     precision = "bfloat16 autocast, channels_last" if cpu_has_native_bf16() else "float32, NCHW"
     assert f"training in {precision}" in r.stdout
     assert "exp_avg_sq" in ckpt["optimizer"]["state"][0]  # an AdamW state
@@ -195,16 +209,14 @@ def test_fast_run_records_its_recipe_and_test_only_uses_it(drive_root, tmp_path)
     r = run_script("train.py", "--data-path", drive_root, "--test-only", "--resume", out / "checkpoint.pth",
                    "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    assert "from checkpoint" in r.stdout and "eval_tta True" in r.stdout and "recipe fast" in r.stdout
+    assert "eval_tta=True (checkpoint)" in r.stdout and "recipe=fast (checkpoint)" in r.stdout
     assert f"dice coefficient: {log[-1]['dice']:.3f}" in r.stdout
     # ... and in process, the whole record matches the last validation to float precision.
-    args = parse("--data-path", drive_root, "--test-only", "--resume", out / "checkpoint.pth", "--device", "cpu")
-    args.distributed, args.world_size = False, 1
-    ckpt_args = dict(saved)
-    train.adopt_checkpoint_args(args, ckpt_args, "ckpt", args.explicit_flags, keys=(), overridable=train.RUN_KEYS)
-    assert args.eval_tta is True and args.recipe == "fast"
-    typed = parse("--test-only", "--no-eval-tta")
-    train.adopt_checkpoint_args(typed, ckpt_args, "ckpt", typed.explicit_flags, keys=(), overridable=train.RUN_KEYS)
+    args = parse("--data-path", drive_root, "--test-only", "--resume", "ckpt", "--device", "cpu")
+    s = resolve_settings(args, dict(saved), Machine("cpu", False))
+    assert s.eval_tta is True and s.recipe == "fast"
+    typed = resolve_settings(parse("--test-only", "--resume", "ckpt", "--no-eval-tta"), dict(saved),
+                             Machine("cpu", False))
     assert typed.eval_tta is False and typed.recipe == "fast"  # a typed flag wins without an error
 
     # A fast run resumes as a fast run: AdamW state, the cosine schedule, its crops.

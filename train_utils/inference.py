@@ -92,7 +92,7 @@ def tile_grid(height: int, width: int, tile_size: int, tile_overlap: int, multip
     return [(y, x, th, tw) for y in ys for x in xs], overlap
 
 
-def _forward_probs(model, x, amp_dtype=None, tta=False, channels_last=False):
+def forward_probs(model, x, amp_dtype=None, tta=False, channels_last=False):
     """Softmax (float32) of the model's ``out`` for a normalised batch; with ``tta`` the mean over the
     image, its horizontal flip and its vertical flip."""
     views = [(), (3,), (2,)] if tta else [()]
@@ -108,6 +108,24 @@ def _forward_probs(model, x, amp_dtype=None, tta=False, channels_last=False):
             p = p.flip(dims)
         total = p if total is None else total.add_(p)
     return total.div_(len(views)) if tta else total
+
+
+class FlipAverage(nn.Module):
+    """Evaluation with flip averaging: the mean softmax over the image, its horizontal and its vertical flip.
+
+    Returns ``{"out": log(mean probability)}``, log-probabilities where a model returns logits: their
+    argmax and softmax are those of the averaged probabilities, so the dice, the confusion matrix and
+    the AUC all score the averaged prediction, exactly as ``predict.py --tta`` computes it.
+    """
+
+    def __init__(self, model, channels_last=False):
+        super().__init__()
+        self.model = model
+        self.channels_last = channels_last
+
+    def forward(self, x):
+        probs = forward_probs(self.model, x, tta=True, channels_last=self.channels_last)
+        return {"out": probs.clamp_min(1e-30).log()}
 
 
 @torch.inference_mode()
@@ -141,7 +159,7 @@ def predict_probabilities(model, images: torch.Tensor, mean, std, tile_size=1024
         batch = batch.to(device, non_blocking=True)
         if mean is not None:
             batch = normalize_image(batch, mean, std)
-        probs = _forward_probs(model, batch, amp_dtype, tta, channels_last)
+        probs = forward_probs(model, batch, amp_dtype, tta, channels_last)
         if acc is None:
             acc = torch.zeros(n, probs.shape[1], h, w, device=device)
         for p, (i, y, x, th, tw) in zip(probs, chunk):
@@ -150,14 +168,17 @@ def predict_probabilities(model, images: torch.Tensor, mean, std, tile_size=1024
     return acc, len(windows)
 
 
-def evaluation_logits(model, images, tile_size=0, tile_overlap=128, multiple=16, channels_last=False):
-    """What validation scores for a normalised batch ``[N, 3, H, W]``: the model's float32 ``out``.
+def evaluation_log_probs(model, images, tile_size=0, tile_overlap=128, multiple=16, channels_last=False):
+    """What validation scores for a normalised batch ``[N, 3, H, W]``: float32 log-probabilities, up to a
+    constant per pixel, so their argmax is the predicted class and their softmax its probabilities.
 
-    Images larger than ``tile_size`` (HRF's 3504 x 2336) go through the tiled
-    inference of predict.py, so memory stays bounded and the evaluated mask is
-    predict.py's; their "logits" are the log of the blended probabilities,
-    which have the same argmax and softmax. Smaller images (or ``tile_size``
-    0) get one plain forward pass, as the tutorial's evaluation.
+    Smaller images (or ``tile_size`` 0) get one plain forward pass, as the
+    tutorial's evaluation: the model's float32 ``out``, which for a plain model
+    are its logits (log-probabilities up to that constant) and for a
+    ``FlipAverage`` the log of its averaged probabilities. Images larger than
+    ``tile_size`` (HRF's 3504 x 2336) go through the tiled inference of
+    predict.py, so memory stays bounded and the evaluated mask is predict.py's:
+    the log of the blended probabilities.
     """
     h, w = images.shape[-2:]
     if tile_size <= 0 or len(tile_grid(h, w, tile_size, tile_overlap, multiple)[0]) == 1:

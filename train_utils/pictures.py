@@ -175,12 +175,12 @@ def predict_preview(model, dataset, index=0, device=None, tile_size=0, multiple=
     """(logits ``[1, C, H, W]``, target ``[1, H, W]``), both on ``device`` (default: the model's), of
     ``dataset[index]`` with an inference copy of ``model`` (BatchNorm folded, eval mode, float32), in tiles
     when the image is larger than ``tile_size``, as validation predicts it."""
-    from .inference import evaluation_logits, inference_model
+    from .inference import evaluation_log_probs, inference_model
 
     image, target = dataset[index]
     device = device or next(model.parameters()).device
     net = inference_model(model, channels_last=False)
-    logits = evaluation_logits(net, image[None].to(device), tile_size, multiple=multiple)
+    logits = evaluation_log_probs(net, image[None].to(device), tile_size, multiple=multiple)
     return logits, target[None].to(device)
 
 

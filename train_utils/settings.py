@@ -131,6 +131,14 @@ def default_channels_last(device_type, amp_dtype):
     return device_type == "cuda" or amp_dtype == "bfloat16"
 
 
+def amp_dtype_name(device_type, amp, dtype=None):
+    """The autocast dtype's name for ``--amp`` (None without): ``dtype`` if named, else float16 on CUDA
+    (with the gradient scaler) and bfloat16 on the CPU (no scaler needed: float32's exponent range)."""
+    if not amp:
+        return None
+    return dtype or ("float16" if device_type == "cuda" else "bfloat16")
+
+
 class Settings:
     """The resolved settings of one run: read-only attributes, and where each value came from."""
 
@@ -262,7 +270,7 @@ def derive(values, machine):
     if amp is None:  # the fast recipe: mixed precision where it is faster (emulated bfloat16 is slower)
         amp = device_type == "cuda" or (device_type == "cpu" and machine.cpu_bf16)
     out["amp"] = bool(amp)
-    out["amp_dtype"] = (values["amp_dtype"] or ("float16" if device_type == "cuda" else "bfloat16")) if amp else None
+    out["amp_dtype"] = amp_dtype_name(device_type, amp, values["amp_dtype"])
     if values["base_c"] is None:
         out["base_c"] = fast_width(amp)
     if values["crop_size"] is None and values["base_size"] is not None:

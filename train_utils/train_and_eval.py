@@ -1,4 +1,10 @@
-"""The training engine: the loss (``criterion``), one training epoch, evaluation, and the LR schedule."""
+"""The tutorial's training engine: the loss (``criterion``), one training epoch, the tutorial's evaluation,
+the optimiser and the LR schedule.
+
+Validation as train.py runs it (BatchNorm folded, flips, tiles, vessel metrics,
+per-image rows) is ``train_utils.evaluation.validate``; ``evaluate`` here is the
+tutorial's plain loop.
+"""
 import math
 
 import torch
@@ -7,8 +13,7 @@ import torch.nn.functional as F
 from . import distributed_utils as utils
 from .dice_coefficient_loss import build_target, dice_loss
 from .errors import UserError
-from .inference import evaluation_logits
-from .metrics import IGNORE_INDEX, ConfusionMatrix, DiceCoefficient, VesselMetrics
+from .metrics import IGNORE_INDEX, ConfusionMatrix, DiceCoefficient
 
 
 def criterion(inputs, target, loss_weight=None, num_classes: int = 2, dice: bool = True, ignore_index: int = -100):
@@ -33,51 +38,45 @@ class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite: training stops instead of writing garbage weights."""
 
 
-def cpu_has_native_bf16():
-    """Does this CPU multiply bfloat16 in hardware (AMX tiles or AVX512-BF16)?
-
-    Only there is bfloat16 autocast faster than float32 on the CPU (a U-Net
-    training step 2.6-3.6x faster with AMX, in channels_last:
-    ``benchmarks/benchmark.py --mode precision``); elsewhere oneDNN emulates
-    it, slower than float32.
-    """
-    try:
-        return bool(torch.backends.mkldnn.is_available()
-                    and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()))
-    except AttributeError:  # a PyTorch without these probes: assume the common case, no bfloat16 hardware
-        return False
-
-
-def autocast_dtype(device, amp, dtype=None):
-    """The autocast dtype for ``--amp``: ``dtype`` if named, else float16 on CUDA and bfloat16 on the CPU.
-
-    None without AMP. ``amp="auto"`` (the fast recipe's) turns AMP on only where
-    it is faster: on CUDA, and on CPUs with bfloat16 hardware.
-    """
-    if amp == "auto":
-        amp = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
-    if not amp:
-        return None
-    if dtype:
-        return getattr(torch, dtype)
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
-
-
-def _to_device(image, target, device, channels_last):
+def to_device(image, target, device, channels_last=False):
+    """A batch on ``device``; the image in channels_last memory format if asked."""
     image = image.to(device, non_blocking=True)
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
     return image, target.to(device, non_blocking=True)
 
 
-def train_one_epoch(model, optimizer, data_loader, device, epoch, num_classes,
-                    lr_scheduler, print_freq=10, scaler=None, amp_dtype=None, channels_last=False):
+def model_num_classes(model):
+    """``model.num_classes`` (background included), as the tutorial reads it, also through DDP's ``.module``
+    and torch.compile's ``._orig_mod``."""
+    inner = model
+    while not hasattr(inner, "num_classes"):
+        if hasattr(inner, "_orig_mod"):
+            inner = inner._orig_mod
+        elif hasattr(inner, "module"):
+            inner = inner.module
+        else:
+            raise TypeError(f"{type(model).__name__} has no num_classes attribute: pass num_classes= to "
+                            "train_one_epoch")
+    return inner.num_classes
+
+
+def train_one_epoch(model, optimizer, data_loader, device, epoch, lr_scheduler, print_freq=10, scaler=None, *,
+                    num_classes=None, amp_dtype=None, channels_last=False):
     """One pass over ``data_loader``; returns (mean training loss over steps and processes, last lr).
 
-    ``num_classes`` counts the background. AMP runs when ``amp_dtype`` is given;
-    ``scaler`` (a ``torch.amp.GradScaler``) may be disabled, so the step has no branches.
+    Called as the tutorial calls it, ``num_classes`` (background included) is
+    the model's, and passing a ``scaler`` turns on float16 autocast (the
+    tutorial's ``autocast(enabled=scaler is not None)``). train.py names both:
+    ``amp_dtype`` (float16, bfloat16, or None for float32) decides autocast,
+    and its ``scaler`` (a ``torch.amp.GradScaler``) may be disabled, so the
+    step has no branches.
     """
     model.train()
+    if num_classes is None:
+        num_classes = model_num_classes(model)
+    if amp_dtype is None and scaler is not None and scaler.is_enabled():
+        amp_dtype = torch.float16
     metric_logger = utils.MetricLogger(delimiter="  ")
     metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
     header = f"Epoch: [{epoch}]"
@@ -87,10 +86,10 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, num_classes,
     loss_weight = torch.as_tensor([1.0, 2.0], device=device) if num_classes == 2 else None
     lr = optimizer.param_groups[0]["lr"]
     for step, (image, target) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
-        image, target = _to_device(image, target, device, channels_last)
+        image, target = to_device(image, target, device, channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             output = model(image)
-            loss = criterion(output, target, loss_weight, num_classes=num_classes, ignore_index=255)
+            loss = criterion(output, target, loss_weight, num_classes=num_classes, ignore_index=IGNORE_INDEX)
 
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -111,42 +110,33 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, num_classes,
 
 
 @torch.no_grad()
-def evaluate(model, data_loader, device, num_classes, channels_last=False, vessel_metrics=None, print_freq=100,
-             tile_size=0, multiple=16, per_image=None):
-    """Validation: returns (reduced ``ConfusionMatrix``, dice as a float).
+def evaluate(model, data_loader, device, num_classes):
+    """The tutorial's validation: returns (reduced ``ConfusionMatrix``, mean per-image dice as a float).
 
-    Always float32, as the tutorial's, also when training uses ``--amp``: the
-    dice, the AUC and the choice of ``best_model.pth`` must not depend on it.
-    Metrics accumulate on the device (no per-image host sync) and are
-    all-reduced once at the end. Pass a ``VesselMetrics`` as ``vessel_metrics``
-    to fill it too. Images larger than ``tile_size`` are predicted in tiles
-    (``inference.evaluation_logits``). A list passed as ``per_image`` receives
-    one dict per image of this process, in loader order: its dice and its
-    vessel metrics.
+    Plain forward passes of ``model`` as it is (float32, no autocast); the
+    metrics accumulate on the device and are all-reduced once at the end.
+    train.py validates with ``evaluation.validate``, which scores the same way
+    on a BatchNorm-folded copy, with flips, tiles and the vessel metrics.
     """
     model.eval()
     confmat = ConfusionMatrix(num_classes)
-    dice = DiceCoefficient(num_classes=num_classes, ignore_index=255)
+    dice = DiceCoefficient(num_classes=num_classes, ignore_index=IGNORE_INDEX)
     metric_logger = utils.MetricLogger(delimiter="  ")
-    for image, target in metric_logger.log_every(data_loader, print_freq, "Test:"):
-        image, target = _to_device(image, target, device, channels_last)
-        output = evaluation_logits(model, image, tile_size, multiple=multiple, channels_last=channels_last)
+    for image, target in metric_logger.log_every(data_loader, 100, "Test:"):
+        image, target = to_device(image, target, device)
+        output = model(image)["out"]
         confmat.update(target.flatten(), output.argmax(1).flatten())
         dice.update(output, target)
-        if vessel_metrics is not None:
-            vessel_metrics.update(output, target)
-        if per_image is not None:
-            for k in range(output.shape[0]):
-                one_dice = DiceCoefficient(num_classes=num_classes, ignore_index=255)
-                one_dice.update(output[k:k + 1], target[k:k + 1])
-                one = VesselMetrics(ignore_index=255)
-                one.update(output[k:k + 1], target[k:k + 1])
-                per_image.append({"dice": one_dice.value.item(), **one.compute()})
     confmat.reduce_from_all_processes()
     dice.reduce_from_all_processes()
-    if vessel_metrics is not None:
-        vessel_metrics.reduce_from_all_processes()
     return confmat, dice.value.item()
+
+
+def build_optimizer(params, opt, lr, momentum, weight_decay):
+    """SGD with momentum (the tutorial's) or AdamW (decoupled weight decay)."""
+    if opt == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def create_lr_scheduler(optimizer, num_step: int, epochs: int, warmup=True, warmup_epochs=1,

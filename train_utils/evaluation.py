@@ -1,0 +1,127 @@
+"""Validation as train.py runs it: one pass over the validation images that returns every metric
+(``validate``), the lines it prints, and the per-image CSV of ``--test-only`` (``write_test_metrics``).
+
+The tutorial's plain loop is ``train_and_eval.evaluate``; this one scores the
+same dice and confusion matrix on a BatchNorm-folded copy of the model, with
+flip averaging and tiles where asked, and adds the vessel metrics and the
+per-image rows.
+"""
+import csv
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import distributed_utils as utils
+from .files import atomic_write
+from .inference import FlipAverage, evaluation_log_probs, inference_model
+from .metrics import IGNORE_INDEX, ConfusionMatrix, DiceCoefficient, VesselMetrics, format_metrics
+from .train_and_eval import to_device
+
+TEST_METRICS_FILE = "test_metrics.csv"
+TEST_METRICS_COLUMNS = ("dice",) + VesselMetrics.NAMES
+
+
+@dataclass
+class ValidationResult:
+    """What one validation pass measured, reduced over every process."""
+
+    confmat: ConfusionMatrix  # pixel counts: the tutorial's block
+    dice: float  # mean over images of each image's foreground dice
+    vessel: dict  # VesselMetrics.compute(): every validation pixel pooled
+    rows: Optional[list] = None  # with per_image: [(image file name, {"dice": ..., **vessel metrics})], dataset order
+
+    def report(self):
+        """Print the tutorial's confusion-matrix block, ``dice coefficient: x`` and the vessel metrics."""
+        print(self.confmat)
+        print(f"dice coefficient: {self.dice:.3f}")
+        print(format_metrics(self.vessel))
+
+
+@torch.no_grad()
+def validate(model, data_loader, device, num_classes, *, tta=False, tile_size=0, multiple=16,
+             channels_last=True, per_image=False) -> ValidationResult:
+    """Score ``model`` on every image of ``data_loader`` (on every process its share) and return the result.
+
+    Validation runs in float32 whatever ``--amp`` says (as the tutorial's): the
+    dice, the AUC and the choice of ``best_model.pth`` must not depend on it.
+    It runs on a copy of ``model`` with BatchNorm folded into the convolutions,
+    in channels_last unless ``channels_last`` is False; images larger than
+    ``tile_size`` are predicted in tiles of a size divisible by ``multiple``
+    (``inference.evaluation_log_probs``). With ``tta`` every metric scores the
+    softmax averaged over the image and its two flips (``--eval-tta``).
+    Metrics accumulate on the device (no per-image host sync) and are reduced
+    across processes once at the end; the AUC sorts every validation pixel, so
+    it is computed once. ``per_image`` also scores each image on its own (one
+    host sync per image) and gathers those rows from every process.
+    """
+    eval_model = inference_model(model, channels_last)
+    if tta:
+        eval_model = FlipAverage(eval_model, channels_last)
+    confmat = ConfusionMatrix(num_classes)
+    dice = DiceCoefficient(num_classes=num_classes, ignore_index=IGNORE_INDEX)
+    vessel = VesselMetrics(ignore_index=IGNORE_INDEX)
+    rows = []
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    for image, target in metric_logger.log_every(data_loader, 100, "Test:"):
+        image, target = to_device(image, target, device, channels_last)
+        log_probs = evaluation_log_probs(eval_model, image, tile_size, multiple=multiple, channels_last=channels_last)
+        confmat.update(target.flatten(), log_probs.argmax(1).flatten())
+        dice.update(log_probs, target)
+        vessel.update(log_probs, target)
+        if per_image:
+            rows += _image_rows(log_probs, target, num_classes)
+    confmat.reduce_from_all_processes()
+    dice.reduce_from_all_processes()
+    vessel.reduce_from_all_processes()
+    return ValidationResult(confmat, dice.value.item(), vessel.compute(),
+                            _gather_image_rows(data_loader, rows) if per_image else None)
+
+
+def _image_rows(log_probs, target, num_classes):
+    """Each image of the batch scored on its own: ``{"dice": ..., **vessel metrics}``, in batch order."""
+    rows = []
+    for k in range(log_probs.shape[0]):
+        one_dice = DiceCoefficient(num_classes=num_classes, ignore_index=IGNORE_INDEX)
+        one_dice.update(log_probs[k:k + 1], target[k:k + 1])
+        one = VesselMetrics(ignore_index=IGNORE_INDEX)
+        one.update(log_probs[k:k + 1], target[k:k + 1])
+        rows.append({"dice": one_dice.value.item(), **one.compute()})
+    return rows
+
+
+def _gather_image_rows(data_loader, rows):
+    """Every process's per-image rows, as (image file name, row) in the dataset's order (on every process).
+
+    The rows were appended image by image in loader order, which is the order of
+    the batch sampler's indices, batch after batch, whatever the batch size. The
+    sampler must give that order again when asked (validation's
+    ``SequentialSampler`` and ``ShardedEvalSampler`` do; a shuffling one would not).
+    """
+    indices = [i for batch in data_loader.batch_sampler for i in batch]
+    pairs = list(zip(indices, rows))
+    if utils.is_dist_avail_and_initialized():
+        gathered = [None] * utils.get_world_size()
+        torch.distributed.all_gather_object(gathered, pairs)
+        pairs = [p for part in gathered for p in part]
+    names = data_loader.dataset.img_list
+    return [(os.path.basename(names[i]), row) for i, row in sorted(pairs, key=lambda p: p[0])]
+
+
+def write_test_metrics(output_dir, result):
+    """``test_metrics.csv`` of a ``validate(..., per_image=True)`` result: a row per image (its dice and vessel
+    metrics), then ``pooled``: the printed values. Returns its path."""
+    if result.rows is None:
+        raise ValueError("write_test_metrics needs the per-image rows: validate(..., per_image=True)")
+    path = os.path.join(output_dir, TEST_METRICS_FILE)
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(("image",) + TEST_METRICS_COLUMNS)
+            for name, row in result.rows + [("pooled", {"dice": result.dice, **result.vessel})]:
+                w.writerow([name] + [f"{row[k]:.6f}" for k in TEST_METRICS_COLUMNS])
+
+    atomic_write(path, write)
+    return path
