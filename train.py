@@ -395,7 +395,7 @@ def validate_and_print(s, model, val_loader, device, num_classes, per_image=Fals
     result = validate(model, val_loader, device, num_classes, tta=s.eval_tta, tile_size=s.val_tile_size,
                       multiple=src.model_spec(s.model).size_multiple, channels_last=s.eval_channels_last,
                       per_image=per_image)
-    result.print()
+    result.report()
     return result
 
 

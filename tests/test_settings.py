@@ -20,12 +20,15 @@ def table(settings):
     return {k: (v, settings.source(k)) for k, v in settings.as_dict().items()}
 
 
-def expected(**changes):
-    """The plain tutorial run on DRIVE on a CPU without bfloat16 hardware, with ``changes``."""
+def expected(*layers, **changes):
+    """The plain tutorial run on DRIVE on a CPU without bfloat16 hardware, with ``layers`` (dicts, later ones
+    winning) and then ``changes``."""
     want = {k: (v, "default") for k, v in TUTORIAL.items()}
     want.update(mean=(DRIVE_MEAN, "dataset"), std=(DRIVE_STD, "dataset"), fov=("masks", "dataset"),
                 base_size=(565, "dataset"), crop_size=(480, "derived"), device=("cpu", "derived"),
                 workers=(0, "derived"), channels_last=(False, "derived"), eval_channels_last=(True, "derived"))
+    for layer in layers:
+        want.update(layer)
     want.update(changes)
     return want
 
@@ -55,19 +58,18 @@ def test_plain_run_is_the_tutorials(drive_root):
 def test_demo(drive_root):
     s = resolve(["--demo", "--data-path", drive_root])
     demo = {k: (v, "demo") for k, v in DEMO.items()}
-    assert table(s) == expected(**demo, demo=(True, "flag"), data_path=(drive_root, "flag"),
-                                crop_size=(96, "demo"), device=("cpu", "demo"))
+    assert table(s) == expected(demo, typed(demo=True, data_path=drive_root))
 
 
 def test_fast_recipe_without_bfloat16_hardware(drive_root):
     s = resolve(["--recipe", "fast", "--data-path", drive_root])
-    assert table(s) == expected(**recipe("fast"), **typed(recipe="fast", data_path=drive_root),
+    assert table(s) == expected(recipe("fast"), typed(recipe="fast", data_path=drive_root),
                                 amp=(False, "derived"), base_c=(16, "derived"))
 
 
 def test_fast_recipe_with_bfloat16_hardware(drive_root):
     s = resolve(["--recipe", "fast", "--data-path", drive_root], machine=CPU_BF16)
-    assert table(s) == expected(**recipe("fast"), **typed(recipe="fast", data_path=drive_root),
+    assert table(s) == expected(recipe("fast"), typed(recipe="fast", data_path=drive_root),
                                 amp=(True, "derived"), amp_dtype=("bfloat16", "derived"), base_c=(32, "derived"),
                                 channels_last=(True, "derived"))
     assert s.checkpoint_args()["amp"] is None  # resumed elsewhere, the machine decides again
@@ -76,7 +78,7 @@ def test_fast_recipe_with_bfloat16_hardware(drive_root):
 def test_fast_recipe_with_demo_takes_the_demos_sizes(drive_root):
     s = resolve(["--recipe", "fast", "--demo", "--data-path", drive_root], machine=CPU_BF16)
     demo = {k: (v, "demo") for k, v in DEMO.items()}
-    assert table(s) == expected(**recipe("fast"), **demo, **typed(recipe="fast", demo=True, data_path=drive_root),
+    assert table(s) == expected(recipe("fast"), demo, typed(recipe="fast", demo=True, data_path=drive_root),
                                 amp=(True, "derived"), amp_dtype=("bfloat16", "derived"),
                                 channels_last=(True, "derived"))
 
@@ -87,9 +89,9 @@ def test_resume_of_a_fast_checkpoint_continues_it(drive_root):
     carried = {k: (ckpt[k], "checkpoint") for k in ("model", "num_classes", "base_c", "mean", "std", "dataset",
                                                        "val_split", "val_seed", "val_images", "fov")}
     run = {k: (ckpt[k], "checkpoint") for k in RECIPES["fast"] if k not in ("base_c", "amp")}
-    assert table(s) == expected(**carried, **run, recipe=("fast", "checkpoint"), amp=(False, "derived"),
-                                scale_range=(TUTORIAL["scale_range"], "checkpoint"),
-                                crop_size=(256, "checkpoint"), **typed(resume="ckpt.pth", data_path=drive_root))
+    assert table(s) == expected(carried, run, typed(resume="ckpt.pth", data_path=drive_root),
+                                recipe=("fast", "checkpoint"), amp=(False, "derived"),
+                                scale_range=(TUTORIAL["scale_range"], "checkpoint"), crop_size=(256, "checkpoint"))
 
 
 def test_typed_recipe_flag_wins_over_the_checkpoint(drive_root):
@@ -105,11 +107,11 @@ def test_test_only_of_a_width_16_checkpoint(drive_root):
             "val_split": 3, "dataset": "drive"}
     s = resolve(["--test-only", "--weights", "best.pth", "--data-path", drive_root], checkpoint=ckpt)
     # Evaluation reads the test split: the held-out images and sizes of training do not apply.
-    assert table(s) == expected(base_c=(16, "checkpoint"), mean=([0.5, 0.4, 0.3], "checkpoint"),
+    assert table(s) == expected(typed(test_only=True, resume="best.pth", data_path=drive_root),
+                                base_c=(16, "checkpoint"), mean=([0.5, 0.4, 0.3], "checkpoint"),
                                 std=([0.2, 0.2, 0.2], "checkpoint"), base_size=(None, "default"),
                                 crop_size=(None, "default"), model=("unet", "checkpoint"),
-                                num_classes=(1, "checkpoint"),
-                                **typed(test_only=True, resume="best.pth", data_path=drive_root))
+                                num_classes=(1, "checkpoint"))
 
 
 def test_a_typed_model_flag_that_contradicts_the_checkpoint_is_an_error(drive_root):
@@ -136,10 +138,9 @@ def test_chase_db1_takes_its_statistics_and_image_size(tmp_path):
     spec = train.DATASETS["chase_db1"]
     held = s.val_images
     assert len(held) == 1 and held[0].startswith("Image_")
-    assert table(s) == expected(mean=(spec.mean, "dataset"), std=(spec.std, "dataset"), fov=("estimate", "default"),
-                                base_size=(60, "dataset"), crop_size=(60, "derived"),
-                                val_images=(held, "dataset"),
-                                **typed(dataset="chase_db1", data_path=root, val_split=1))
+    assert table(s) == expected(typed(dataset="chase_db1", data_path=root, val_split=1),
+                                mean=(spec.mean, "dataset"), std=(spec.std, "dataset"), fov=("estimate", "default"),
+                                base_size=(60, "dataset"), crop_size=(60, "derived"), val_images=(held, "dataset"))
 
 
 def test_gpu_machine(drive_root):

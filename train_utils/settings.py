@@ -28,7 +28,6 @@ nothing changes afterwards; ``describe()`` prints it, one ``name=value
 import argparse
 import math
 import os
-import textwrap
 from typing import NamedTuple, Optional
 
 from .errors import UserError
@@ -168,8 +167,12 @@ class Settings:
 
     def describe(self, width=110):
         """``resolved settings:`` and one ``name=value (source)`` entry per setting, wrapped."""
-        entries = [f"{k}={_shown(v)} ({self._sources[k]})" for k, v in self._values.items()]
-        lines = textwrap.wrap(", ".join(entries), width, break_long_words=False, break_on_hyphens=False)
+        lines = [""]
+        for k, v in self._values.items():
+            entry = f"{k}={_shown(v)} ({self._sources[k]})"
+            if lines[-1] and len(lines[-1]) + len(entry) + 2 > width:
+                lines.append("")
+            lines[-1] += (", " if lines[-1] else "") + entry
         return "resolved settings:\n" + "\n".join("  " + line for line in lines)
 
 
