@@ -32,11 +32,10 @@ from torch import nn
 
 import src
 from train_utils import extras
-from train_utils.checkpoint import model_from_checkpoint
+from train_utils.checkpoint import model_from_checkpoint, normalisation
 from train_utils.errors import UserError, run_cli
 from train_utils.files import atomic_write, ensure_writable_folder
 from train_utils.inference import inference_model
-from train_utils.transforms import DRIVE_MEAN, DRIVE_STD
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -98,12 +97,11 @@ class LogitsOnly(nn.Module):
 def load_for_export(weights):
     """(eval-mode model with BatchNorm folded, metadata dict) from a train.py checkpoint, as predict.py builds it."""
     model, ckpt, kwargs = model_from_checkpoint(weights, "export.py exports RGB models")
-    saved = ckpt.get("args", {})
+    mean, std = normalisation(ckpt.get("args", {}))
     net = LogitsOnly(inference_model(model, channels_last=False)).eval()
     # The checkpoint's own ``args`` keys and meanings, so model_kwargs() reads them back unchanged.
     meta = {"model": kwargs["model"], "num_classes": kwargs["num_classes"] - 1, "base_c": kwargs["base_c"],
-            "mean": [float(v) for v in (saved.get("mean") or DRIVE_MEAN)],
-            "std": [float(v) for v in (saved.get("std") or DRIVE_STD)],
+            "mean": mean, "std": std,
             "epoch": ckpt.get("epoch"), "best_dice": ckpt.get("best_dice"),
             "source": os.path.basename(weights), "input": INPUT_NAME, "output": OUTPUT_NAME,
             "normalisation": "image = (rgb / 255 - mean) / std, float32 [N, 3, H, W]"}

@@ -37,14 +37,13 @@ from PIL import Image
 
 import src
 
-from train_utils.checkpoint import model_from_checkpoint
+from train_utils.checkpoint import model_from_checkpoint, normalisation
 from train_utils.distributed_utils import resolve_device
 from train_utils.errors import UserError, run_cli
 from train_utils.imaging import (IMAGE_EXTS, estimate_fov, files_by_stem, image_size, is_image_name, palette_image,
                                  read_binary, read_image, stem_of)
 from train_utils.inference import inference_model, predict_probabilities
 from train_utils.precision import autocast_dtype
-from train_utils.transforms import DRIVE_MEAN, DRIVE_STD
 
 OVERLAY_ALPHA = 0.6
 # Class colours for overlays and palette masks: background black, then green (vessels), red, blue, ...
@@ -227,8 +226,7 @@ def main(args):
         model, saved, kwargs = load_model(args.weights, device, args.channels_last)
     if args.tta is None:  # a recipe that validated with flip averaging is meant to be used with it
         args.tta = bool(saved.get("eval_tta", False))
-    mean = saved.get("mean") or list(DRIVE_MEAN)
-    std = saved.get("std") or list(DRIVE_STD)
+    mean, std = normalisation(saved)
     amp_dtype = autocast_dtype(device, args.amp)
     print(f"using {device.type} device; model {src.describe(**kwargs)} from '{args.weights}'")
     if args.roi_mask is None:

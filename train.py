@@ -39,12 +39,11 @@ from train_utils.files import ensure_writable_folder
 from train_utils.imaging import FOV_MODES, image_size
 from train_utils.pictures import TrainingPictures
 from train_utils.precision import cpu_has_native_bf16
-from train_utils.settings import (CROP_SIZE, DEMO_DATA, RECIPES, SCALE_RANGE, Flag, Machine, TUTORIAL,
-                                  resolve_settings)
+from train_utils.settings import CROP_SIZE, DEMO_DATA, RECIPES, Flag, Machine, resolve_settings
 from train_utils.synthetic import ensure_synthetic_drive
 from train_utils.train_and_eval import build_optimizer, create_lr_scheduler, train_one_epoch
-from train_utils.transforms import get_transform
 from train_utils.metrics import format_metrics
+from train_utils.transforms import get_transform
 
 
 def get_args_parser(add_help=True):
@@ -262,12 +261,20 @@ def create_model(num_classes, base_c=32, model="unet", pretrained_backbone=""):
     """The model for ``num_classes`` outputs (background included)."""
     try:
         net = src.build_model(model=model, num_classes=num_classes, base_c=base_c)
-        if pretrained_backbone:
-            src.load_backbone_weights(net, safe_load(pretrained_backbone, what="backbone weight file"),
-                                      source=str(pretrained_backbone))
     except ValueError as e:
         raise UserError(str(e)) from None
+    if pretrained_backbone:
+        load_backbone_file(net, pretrained_backbone)
     return net
+
+
+def load_backbone_file(model, path):
+    """ImageNet encoder weights from a local torchvision file (``--pretrained-backbone``), one-line errors."""
+    state = safe_load(path, what="backbone weight file")
+    try:
+        src.load_backbone_weights(model, state, source=str(path))
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def main(args):

@@ -20,7 +20,7 @@ import src
 from . import distributed_utils as utils
 from .errors import UserError
 from .files import atomic_write
-from .settings import MODEL_KEYS
+from .settings import DRIVE_MEAN, DRIVE_STD, MODEL_KEYS
 
 
 def plain_args(args):
@@ -89,6 +89,12 @@ def load_checkpoint(path, map_location="cpu"):
     elif not isinstance(saved, dict):
         raise UserError(f"'{path}' has no usable 'args' dict")
     return ckpt
+
+
+def normalisation(saved: dict):
+    """(mean, std) as lists of floats that the model of a checkpoint's ``args`` (or an export's metadata)
+    expects; the tutorial's checkpoints hold none: DRIVE's, which its model was trained with."""
+    return [float(v) for v in saved.get("mean") or DRIVE_MEAN], [float(v) for v in saved.get("std") or DRIVE_STD]
 
 
 def model_from_checkpoint(path, purpose="predict.py reads RGB photographs"):

@@ -28,7 +28,7 @@ nothing changes afterwards; ``describe()`` prints it, one ``name=value
 import argparse
 import math
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 from .errors import UserError
 
