@@ -244,7 +244,7 @@ def test_resume_keeps_the_held_out_images(no_test_split, tmp_path):
     assert run_script("train.py", *args, "--val-split", "2", "--val-seed", "3", "--stop-epoch", "0").returncode == 0
     r = run_script("train.py", *args, "--resume", out / "checkpoint.pth")
     assert r.returncode == 0, r.stderr
-    assert "val_split 2" in r.stdout and "val_seed 3" in r.stdout  # taken from the checkpoint, not retyped
+    assert "val_split=2 (checkpoint)" in r.stdout and "val_seed=3 (checkpoint)" in r.stdout  # not retyped
     r = run_script("train.py", *args, "--resume", out / "checkpoint.pth", "--val-split", "3")
     assert r.returncode != 0 and "--val-split 3 contradicts checkpoint" in r.stderr
 

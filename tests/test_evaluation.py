@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
-from my_dataset import DriveDataset
+from my_dataset import VesselDataset, drive_files
 from src import UNet
 from tests.conftest import spread_output
 from train_utils.distributed_utils import ShardedEvalSampler
@@ -38,7 +38,7 @@ def tiny_model(images, num_classes=2, seed=0):
 
 @pytest.fixture(scope="module")
 def dataset(drive_root):
-    return DriveDataset(drive_root, train=False, transforms=get_transform(False))
+    return VesselDataset(drive_files(drive_root, "test"), get_transform(False))
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def images(dataset):
 
 
 def loader_of(dataset, batch_size=1, sampler=None):
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=DriveDataset.collate_fn)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=VesselDataset.collate_fn)
 
 
 # ---------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def _validate_on_rank(rank, world_size, init_file, root, state_file, out):
         torch.set_num_threads(1)
         model = UNet(in_channels=3, num_classes=2, base_c=4)
         model.load_state_dict(torch.load(state_file, weights_only=True))
-        dataset = DriveDataset(root, train=False, transforms=get_transform(False))
+        dataset = VesselDataset(drive_files(root, "test"), get_transform(False))
         results = {}
         for batch_size in (1, 2):
             loader = loader_of(dataset, batch_size, sampler=ShardedEvalSampler(dataset))

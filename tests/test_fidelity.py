@@ -65,7 +65,7 @@ def test_test_only_takes_the_model_from_the_checkpoint(drive_root, trained):
     r = run_script("train.py", "--data-path", drive_root, "--test-only", "--resume", trained / "checkpoint.pth",
                    "--output-dir", trained / "eval", *without(TINY_TRAIN, "--base-c"))
     assert r.returncode == 0, r.stderr
-    assert "base_c 4" in r.stdout and "mean [0.6, 0.3, 0.2]" in r.stdout  # it says what it took
+    assert "base_c=4 (checkpoint)" in r.stdout and "mean=0.6,0.3,0.2 (checkpoint)" in r.stdout  # what it took
     log = last_log(trained)
     assert printed(r.stdout, "dice coefficient") == round(log["dice"], 3)
     assert printed(r.stdout, "auc") == round(log["auc"], 4)
@@ -84,7 +84,7 @@ def test_resume_takes_the_model_from_the_checkpoint(drive_root, trained, tmp_pat
 @pytest.mark.parametrize("flags,message", [
     (["--base-c", "8"], r"--base-c 8 contradicts checkpoint .* base_c 4"),
     (["--num-classes", "2"], r"--num-classes 2 contradicts checkpoint .* num_classes 1"),
-    (["--mean", "0.7", "0.3", "0.2"], r"--mean 0.7 0.3 0.2 contradicts checkpoint .* mean \[0.6, 0.3, 0.2\]"),
+    (["--mean", "0.7", "0.3", "0.2"], r"--mean 0.7 0.3 0.2 contradicts checkpoint .* mean 0.6 0.3 0.2"),
     (["--model", "vgg16_unet"], r"--model vgg16_unet contradicts checkpoint .* model unet"),
 ])
 def test_explicit_flag_that_contradicts_the_checkpoint_is_an_error(drive_root, trained, flags, message):

@@ -18,7 +18,14 @@ from train_utils.evaluation import validate
 from train_utils.inference import inference_model
 from train_utils.metrics import ConfusionMatrix
 from train_utils.train_and_eval import model_num_classes
-from train_utils.transforms import get_transform
+from train_utils.transforms import DRIVE_MEAN, DRIVE_STD
+
+
+def tutorial_eval_transform(img, target):
+    """The tutorial's eval preset (its transforms.py: ToTensor, Normalize) on DriveDataset's PIL pair."""
+    from torchvision.transforms import functional as TF
+    img = TF.normalize(TF.to_tensor(img), mean=DRIVE_MEAN, std=DRIVE_STD)
+    return img, torch.as_tensor(np.array(target), dtype=torch.int64)
 
 TUTORIAL_NAMES = ["train_one_epoch", "evaluate", "create_lr_scheduler", "init_distributed_mode", "save_on_master",
                   "mkdir"]
@@ -45,7 +52,7 @@ def test_the_tutorials_imports_work_and_load_torch_only_when_used():
 @pytest.fixture(scope="module")
 def train_loader(drive_root):
     """The 4 training images whole, in order, 2 per batch: the same batches on every pass."""
-    dataset = DriveDataset(drive_root, train=True, transforms=get_transform(False))
+    dataset = DriveDataset(drive_root, train=True, transforms=tutorial_eval_transform)
     return loader_of(dataset, batch_size=2)
 
 
@@ -105,7 +112,7 @@ def test_a_scaler_turns_on_float16_autocast_as_in_the_tutorial(train_loader, ini
 
 @pytest.fixture(scope="module")
 def test_set(drive_root):
-    return DriveDataset(drive_root, train=False, transforms=get_transform(False))
+    return DriveDataset(drive_root, train=False, transforms=tutorial_eval_transform)
 
 
 def test_evaluate_is_the_tutorials_plain_loop(test_set):

@@ -213,7 +213,7 @@ def checkpoint_layer(typed, saved, path, resuming):
             flag = "--" + key.replace("_", "-")
             shown = _shown(typed[key]).replace(",", " ")
             raise UserError(f"{flag} {shown} contradicts checkpoint '{path}', which was trained with {key} "
-                            f"{_shown(layer[key])}; leave {flag} out to use the checkpoint's")
+                            f"{_shown(layer[key]).replace(',', ' ')}; leave {flag} out to use the checkpoint's")
     layer.update({k: saved[k] for k in RUN_KEYS if k in saved})
     if layer.get("amp") == "auto":  # how checkpoints of earlier versions said "where it is faster"
         layer["amp"] = None
