@@ -58,6 +58,8 @@ def get_args_parser(add_help=True):
          help="validate (and pick best_model.pth) on N held-out training images instead of the test split, "
               "which only --test-only then reads")
     data("--val-seed", dest="val_seed", type=int, help="seed of --val-split's choice of images")
+    data("--val-images", dest="val_images", nargs="+", metavar="NAME",
+         help="validate on these training images (file names), instead of --val-split's seeded choice")
     data("--fov", dest="fov", choices=FOV_MODES, help="field of view of images without a FOV mask: estimate it "
          "from the dark border as predict.py does, or count all pixels")
     data("--num-classes", dest="num_classes", type=int, help="foreground classes (background excluded)")
@@ -152,7 +154,7 @@ def detect_machine():
 
 def dataset_facts(values):
     """The dataset's settings (its registry entry and its training images): mean/std, FOV masks,
-    the random resize's base size and, with ``--val-split``, the held-out images."""
+    the random resize's base size and the held-out validation images (``--val-split``/``--val-images``)."""
     spec = DATASETS[values["dataset"]]
     facts = {} if values["pretrained_backbone"] else {"mean": spec.mean, "std": spec.std}
     if spec.fov_masks:
@@ -160,9 +162,9 @@ def dataset_facts(values):
     if values["test_only"]:
         return facts
     facts["base_size"] = spec.base_size
-    if spec.base_size is None or values["val_split"]:
+    if spec.base_size is None or values["val_split"] or values["val_images"]:
         train, names = split_training_images(values)
-        if values["val_split"]:
+        if names:
             facts["val_images"] = names
         if spec.base_size is None:  # the median shorter side of the images it trains on
             facts["base_size"] = int(np.median([min(image_size(s.image)) for s in train]))
@@ -170,28 +172,37 @@ def dataset_facts(values):
 
 
 def split_training_images(values):
-    """(training samples, names of the held-out validation images) of the dataset in ``values``."""
+    """(training samples, names of the held-out validation images or None) of the dataset in ``values``:
+    ``--val-split``'s seeded choice, or the images ``--val-images`` (or the checkpoint) names."""
     if values["demo"]:
         ensure_synthetic_drive(values["data_path"], **DEMO_DATA)
     train = dataset_files(values["dataset"], values["data_path"], "training")
     if not train:
         raise UserError(f"the {values['dataset']} dataset in '{values['data_path']}' has no training images")
-    if not values["val_split"]:
+    names, wanted = [os.path.basename(t.image) for t in train], values["val_images"]
+    if values["val_split"]:
+        held = [names[i] for i in holdout(len(train), values["val_split"], values["val_seed"])]
+        if wanted and wanted != held:  # resumed: the same images or nothing
+            raise UserError(f"--val-split {values['val_split']} picks {', '.join(held)}, but the run validated "
+                            f"on {', '.join(wanted)} (the checkpoint, or --val-images): the training images "
+                            "changed, or give only one of --val-split and --val-images")
+    elif wanted:
+        missing = [n for n in wanted if n not in names]
+        if missing or len(set(wanted)) >= len(names):
+            raise UserError(f"--val-images: {', '.join(missing)} not among the training images of "
+                            f"'{values['data_path']}'" if missing else
+                            "--val-images must leave at least one training image")
+        held = [n for n in names if n in wanted]  # in the dataset's order
+    else:
         return train, None
-    held = holdout(len(train), values["val_split"], values["val_seed"])
-    names = [os.path.basename(train[i].image) for i in held]
-    saved = values.get("val_images")
-    if saved and saved != names:  # resumed: the same images or nothing
-        raise UserError(f"the checkpoint validated on {', '.join(saved)}, but --val-split now picks "
-                        f"{', '.join(names)}: the training images changed")
-    return [t for i, t in enumerate(train) if i not in held], names
+    return [t for t, n in zip(train, names) if n not in held], held
 
 
 def build_datasets(s):
     """(training dataset or None under --test-only, validation dataset).
 
-    Validation is the test split (the tutorial's protocol) or, with
-    ``--val-split N``, the N held-out training images of ``s.val_images``.
+    Validation is the test split (the tutorial's protocol) or the held-out
+    training images of ``s.val_images`` (``--val-split N``, ``--val-images``).
     """
     eval_tf = get_transform(False, s.mean, s.std)
     kw = dict(num_classes=s.num_classes, fov=s.fov)
@@ -204,7 +215,7 @@ def build_datasets(s):
     train = dataset_files(s.dataset, s.data_path, "training")
     if not train:
         raise UserError(f"{where} has no training images")
-    if s.val_split:
+    if s.val_images:
         val = [t for t in train if os.path.basename(t.image) in s.val_images]
         train = [t for t in train if os.path.basename(t.image) not in s.val_images]
         print(f"validation: {len(val)} held-out training images ({', '.join(s.val_images)}); "

@@ -174,3 +174,36 @@ def test_settings_are_read_only_and_printed_with_their_sources(drive_root):
 def test_impossible_values_are_refused(drive_root, argv, message):
     with pytest.raises(UserError, match=message):
         resolve(["--data-path", drive_root, *argv])
+
+
+def test_val_images_names_the_held_out_images(drive_root):
+    s = resolve(["--data-path", drive_root, "--val-images", "24_training.tif", "22_training.tif"])
+    assert (s.val_images, s.source("val_images")) == (["24_training.tif", "22_training.tif"], "flag")
+    assert s.val_split == 0
+    with pytest.raises(UserError, match="--val-images: 99_training.tif not among the training images"):
+        resolve(["--data-path", drive_root, "--val-images", "99_training.tif"])
+    with pytest.raises(UserError, match="must leave at least one training image"):
+        resolve(["--data-path", drive_root, "--val-images", *[f"{n}_training.tif" for n in range(21, 25)]])
+    picked = resolve(["--data-path", drive_root, "--val-split", 2]).val_images
+    other = [n for n in ["21_training.tif", "22_training.tif", "23_training.tif"] if n not in picked][:2]
+    with pytest.raises(UserError, match="give only one of --val-split and --val-images"):
+        resolve(["--data-path", drive_root, "--val-split", 2, "--val-images", *other])
+
+
+def test_val_images_validate_on_exactly_those_images(drive_root, tmp_path):
+    out = tmp_path / "run"
+    args = train.parse_args(train.get_args_parser(), [str(a) for a in (
+        "--data-path", drive_root, "--output-dir", out, "--val-images", "23_training.tif", "--epochs", 1,
+        "--base-c", 4, "--crop-size", 48, "--base-size", 64, "-b", 2, "--device", "cpu", "--no-plots")])
+    train.main(args)
+    import torch
+    saved = torch.load(out / "checkpoint.pth", weights_only=True)["args"]
+    assert saved["val_images"] == ["23_training.tif"]
+
+
+def test_checkpoints_of_earlier_versions_resume(drive_root):
+    """Their ``args`` said "where it is faster" as amp "auto" and carried in_channels/bilinear: both still load."""
+    old = fast_checkpoint(amp="auto", in_channels=3, bilinear=True)
+    for machine, amp in ((CPU, False), (CPU_BF16, True)):
+        s = resolve(["--resume", "ckpt.pth", "--data-path", drive_root], machine=machine, checkpoint=old)
+        assert (s.amp, s.source("amp")) == (amp, "derived") and s.base_c == 32
