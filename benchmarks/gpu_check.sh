@@ -41,7 +41,7 @@ if [ -n "${DATA:-}" ]; then
     RECIPE_ROOT=$DATA
 else
     RECIPE_ROOT=$OUT/synth
-    step "synthetic-drive" 30 "$PY" my_dataset.py --out "$RECIPE_ROOT" --num-train 20 --num-test 5 --height 584 --width 565
+    step "synthetic-drive" 30 "$PY" my_dataset.py --output-dir "$RECIPE_ROOT" --num-train 20 --num-test 5 --height 584 --width 565
 fi
 step "recipe-fast" 240 "$PY" train.py --recipe fast --device cuda --data-path "$RECIPE_ROOT" --output-dir "$OUT/fast" \
     --no-plots --print-freq 1000 --seed 0

@@ -1,5 +1,5 @@
 """export.py (ONNX and torch.export), the exported models' agreement with PyTorch at odd sizes, predict.py with an
-.onnx model, the README's PyTorch-free snippet, and the one-line errors for missing extras and bad input."""
+.onnx model, docs/export.md's PyTorch-free snippet, and the one-line errors for missing extras and bad input."""
 import os
 import re
 import json
@@ -160,10 +160,10 @@ def test_predict_with_onnx_gives_the_same_masks(env, tmp_path):
 
 
 def readme_snippet():
-    text = open(os.path.join(ROOT, "README.md")).read()
+    text = open(os.path.join(ROOT, "docs", "export.md")).read()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     found = [b for b in blocks if "onnxruntime" in b]
-    assert len(found) == 1, "README: one python block using onnxruntime"
+    assert len(found) == 1, "docs/export.md: one python block using onnxruntime"
     return found[0]
 
 

@@ -1,4 +1,4 @@
-"""Loss and dice against plain loops written from the tutorial's formulas (README: "For learners")."""
+"""Loss and dice against plain loops written from the tutorial's formulas (docs/metrics.md)."""
 import pytest
 import torch
 import torch.nn.functional as F

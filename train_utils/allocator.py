@@ -46,7 +46,7 @@ def choose(choice="auto"):
     tcmalloc comes first: over whole epochs its peak memory equals glibc's.
     mimalloc runs with its default settings; keeping freed memory
     (``MIMALLOC_PURGE_DELAY=-1``) made its training steps faster still but raised
-    an epoch's peak by 14% (README, "Speed").
+    an epoch's peak memory (docs/benchmarks.md, "Memory allocator").
     """
     choice = (choice or "auto").strip().lower()
     if choice in ("system", "glibc", "off", "none", "0"):
