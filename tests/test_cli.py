@@ -204,7 +204,8 @@ def test_predict_output_dir_output_file_and_the_older_output_folder(quick_start)
     predict_as_typed("--img", image, "--output-dir", "dir", "--device", "cpu")
     predict_as_typed("--img", image, "--output", "one.png", "--save-prob", "--device", "cpu")
     predict_as_typed("--img", image, "--output", "folder", "--device", "cpu")  # a folder, as before
-    assert all((quick_start / p).is_file() for p in ("dir/01_test.png", "one.png", "one_prob.png", "folder/01_test.png"))
+    written = ("dir/01_test.png", "one.png", "one_prob.png", "folder/01_test.png")
+    assert all((quick_start / p).is_file() for p in written)
     with pytest.raises(UserError, match="masks are written as PNG"):
         predict_as_typed("--img", image, "--output", "one.jpg")
 

@@ -93,6 +93,8 @@ def _data_flags(data):
          help="validate (and pick best_model.pth) on N held-out training images instead of the test split, "
               "which only --test-only then reads")
     data("--val-seed", dest="val_seed", type=int, metavar="N", help="seed of --val-split's choice of images")
+    data("--val-images", dest="val_images", nargs="+", metavar="NAME",
+         help="validate on these training images (file names), instead of --val-split's seeded choice")
     data("--fov", dest="fov", choices=FOV_MODES, help="field of view of images without a FOV mask: estimate it "
          "from the dark border as predict.py does, or count all pixels")
     data("--num-classes", dest="num_classes", type=int, metavar="N",
@@ -322,17 +324,14 @@ def weights_or_default(weights):
 # the flag reference of docs/training.md
 
 
-def _table(group):
+def _table(parser, group):
     """A Markdown table of one argparse group's flags (older spellings left out): flag, default, help."""
+    formatter = parser._get_formatter()
     rows = ["| flag | default | what it does |", "| --- | --- | --- |"]
     for action in group._group_actions:
         if action.help == argparse.SUPPRESS:
             continue
-        names = action.option_strings
-        if action.nargs != 0:  # the value it takes, as --help shows it
-            metavar = action.metavar or ("{" + ",".join(action.choices) + "}" if action.choices
-                                         else action.dest.upper())
-            names = [f"{n} {' '.join(metavar) if isinstance(metavar, tuple) else metavar}" for n in names]
+        names = formatter._format_action_invocation(action).split(", ")  # as --help shows them
         default = TUTORIAL.get(action.dest)
         help_text = action.help.removesuffix(default_text(default))  # the default has its own column
         cells = (", ".join(f"`{n}`" for n in names), f"`{shown_default(default)}`" if default_text(default) else "",
@@ -345,10 +344,11 @@ def flag_reference():
     """The Markdown of docs/training.md's flag reference: train.py's flag groups, then train_multi_GPU.py's own."""
     parts = ["<!-- generated from the parsers by python -m train_utils.cli --write-flag-reference "
              "docs/training.md: edit train_utils/cli.py, not this -->"]
-    train_groups = train_parser()._action_groups[2:]  # after argparse's positional and option groups
-    for group in train_groups + train_multi_gpu_parser()._action_groups[-1:]:
-        title = group.title + (" (train_multi_GPU.py)" if group.title == "distributed" else "")
-        parts += [f"### {title}", _table(group)]
+    train, multi_gpu = train_parser(), train_multi_gpu_parser()
+    tables = [(train, group) for group in train._action_groups[2:]]  # after argparse's positionals and options
+    for parser, group in tables + [(multi_gpu, multi_gpu._action_groups[-1])]:
+        title = group.title + (" (train_multi_GPU.py)" if parser is multi_gpu else "")
+        parts += [f"### {title}", _table(parser, group)]
     return "\n\n".join(parts) + "\n"
 
 
