@@ -22,14 +22,18 @@ other.
 
 The last line is ready to paste into ``train.py``'s command line.
 """
-import argparse
 import math
+
+from train_utils.cli import compute_mean_std_parser as get_args_parser
+
+if __name__ == "__main__":  # first, before numpy and torch load: --help and mistyped flags are answered at once
+    cli_args = get_args_parser(doc=__doc__).parse_args()
 
 import numpy as np
 
-from my_dataset import DATASETS, dataset_files
+from my_dataset import dataset_files
 from train_utils.errors import UserError, run_cli
-from train_utils.imaging import FOV_MODES, field_of_view, read_image
+from train_utils.imaging import field_of_view, read_image
 
 CHANNELS = 3
 DECIMALS = 4
@@ -96,20 +100,6 @@ def _fmt(values):
     return " ".join(f"{v:.{DECIMALS}f}" for v in values)
 
 
-def get_args_parser(add_help=True):
-    parser = argparse.ArgumentParser(description="Per-channel mean/std of a dataset's images inside the FOV",
-                                     add_help=add_help)
-    parser.add_argument("--data-path", default="./",
-                        help="folder that holds DRIVE/, or the folder another dataset unpacks to (default: ./)")
-    parser.add_argument("--dataset", default="drive", choices=DATASETS, help="file layout of --data-path")
-    parser.add_argument("--fov", default="estimate", choices=FOV_MODES,
-                        help="images without a FOV mask: estimate the FOV from the dark border, or use all pixels")
-    parser.add_argument("--split", default="training", choices=("training", "test"),
-                        help="which split to measure (default: training)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    return parser
-
-
 def main(args):
     r = compute_mean_std(args.data_path, args.split, args.dataset, args.fov)
     print(f"dataset: {args.dataset}, split: {args.split}, images: {r['num_images']}, FOV pixels: {r['num_pixels']}")
@@ -124,5 +114,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    cli_args = get_args_parser().parse_args()
     run_cli(main, cli_args, debug=cli_args.debug)

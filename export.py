@@ -2,7 +2,7 @@
 
     python export.py --weights save_weights/best_model.pth --format onnx --output unet.onnx
     python export.py --weights save_weights/best_model.pth --format pt2 --output unet.pt2
-    python predict.py --weights unet.onnx --img DRIVE/test/images --roi-mask DRIVE/test/mask --output predictions
+    python predict.py --weights unet.onnx --img DRIVE/test/images --roi-mask DRIVE/test/mask --output-dir predictions
 
 Both formats hold the model in evaluation mode with BatchNorm folded into the
 convolutions. Input ``image``: float32 ``[N, 3, H, W]``, the RGB photograph
@@ -22,10 +22,14 @@ Before the file is put in place, the exported model is run on an odd-sized
 input and compared with PyTorch; a file that disagrees is never written, and
 an existing ``--output`` is only replaced by a complete, checked file.
 """
-import argparse
 import json
 import os
 import warnings
+
+from train_utils.cli import EXPORT_FORMATS as FORMATS, export_parser as get_args_parser, weights_or_default
+
+if __name__ == "__main__":  # first, before torch loads: --help and mistyped flags are answered at once
+    cli_args = get_args_parser(doc=__doc__).parse_args()
 
 import torch
 from torch import nn
@@ -37,35 +41,16 @@ from train_utils.errors import UserError, run_cli
 from train_utils.files import atomic_write, ensure_writable_folder
 from train_utils.inference import inference_model
 
-FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 PT2_META_FILE = "model.json"
-OPSET = 18
 # Largest difference from PyTorch accepted by the check, relative to the logits' magnitude (float32 rounding
 # differs between runtimes by ~1e-7 of it).
 CHECK_TOLERANCE = 1e-4
 
 
-def get_args_parser(add_help=True):
-    parser = argparse.ArgumentParser(description="Export a trained U-Net to ONNX or torch.export (.pt2)",
-                                     add_help=add_help)
-    parser.add_argument("--weights", default="save_weights/best_model.pth", help="checkpoint written by train.py")
-    parser.add_argument("--format", choices=sorted(FORMATS), default=None,
-                        help="onnx (onnxruntime, no PyTorch needed) or pt2 (torch.export.load); "
-                             "default: from the --output suffix")
-    parser.add_argument("--output", default=None,
-                        help="file to write, ending in .onnx or .pt2 (default: the checkpoint's name with "
-                             "the format's suffix)")
-    parser.add_argument("--opset", default=OPSET, type=int, help=f"ONNX opset version (default {OPSET})")
-    parser.add_argument("--check", default=True, action=argparse.BooleanOptionalAction,
-                        help="run the exported model on an odd-sized input and compare it with PyTorch "
-                             "before writing (ONNX: when onnxruntime is installed)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    return parser
-
-
-def resolve_format(args):
-    """(format, output path) from ``--format`` and ``--output``, which must agree."""
+def resolve_format(args, weights):
+    """(format, output path) from ``--format`` and ``--output``, which must agree; the output defaults to
+    ``weights`` with the format's suffix."""
     fmt, out = args.format, args.output
     if fmt is None:
         if out is None:
@@ -74,7 +59,7 @@ def resolve_format(args):
         if fmt is None:
             raise UserError(f"--output '{out}' ends in neither .onnx nor .pt2; give --format")
     if out is None:
-        out = os.path.splitext(args.weights)[0] + FORMATS[fmt]
+        out = os.path.splitext(weights)[0] + FORMATS[fmt]
     if not out.lower().endswith(FORMATS[fmt]):
         raise UserError(f"--output '{out}' must end in {FORMATS[fmt]} for --format {fmt} "
                         "(predict.py recognises the model by its suffix)")
@@ -183,13 +168,14 @@ def check_torch_version(version=torch.__version__):
 
 def main(args):
     check_torch_version()
-    fmt, out = resolve_format(args)
+    weights = weights_or_default(args.weights)
+    fmt, out = resolve_format(args, weights)
     if fmt == "onnx":  # before the minutes of exporting: is everything installed?
         extras.require("exporting to ONNX", "onnx", "onnxscript")
     ensure_writable_folder(os.path.dirname(os.path.abspath(out)), f"--output '{out}'")
-    net, meta = load_for_export(args.weights)
+    net, meta = load_for_export(weights)
     print(f"exporting {src.describe(meta['model'], meta['num_classes'] + 1, meta['base_c'])} "
-          f"from '{args.weights}' to {fmt}")
+          f"from '{weights}' to {fmt}")
     torch.manual_seed(0)  # the same example and check inputs every time
     # An existing --output is replaced only by a complete file that passed its check.
     if fmt == "onnx":
@@ -202,5 +188,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
-    run_cli(main, args, debug=args.debug)
+    run_cli(main, cli_args, debug=cli_args.debug)

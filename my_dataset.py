@@ -24,19 +24,26 @@ tensors, the transforms of train_utils/transforms.py); ``DriveDataset`` is the
 tutorial's (PIL images, decoded per item). Decoding and the label and mask
 rules are in train_utils/imaging.py.
 
-Run ``python my_dataset.py --output-dir data/synthetic`` to write a synthetic
-DRIVE-format sample, ``--dataset`` for the other layouts (train_utils/synthetic.py).
+Run as a script, it writes synthetic data in any of these layouts (train_utils/synthetic.py)::
+
+    python my_dataset.py --output-dir data/synthetic          # DRIVE format: data/synthetic/DRIVE
+    python my_dataset.py --dataset stare --output-dir data/stare --num-train 10 --num-test 5
 """
 import os
 import re
+import sys
 from typing import Callable, NamedTuple, Optional
+
+if __name__ == "__main__":  # the synthetic-data writer: its flags are checked before torch loads
+    from train_utils.cli import synthetic_main
+    sys.exit(synthetic_main(doc=__doc__))
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from train_utils.errors import UserError, run_cli
+from train_utils.errors import UserError
 from train_utils.imaging import files_by_stem, image_size, is_image_name, list_files, load_sample, stem_of
 from train_utils.metrics import IGNORE_INDEX
 from train_utils.transforms import BASE_SIZE, DRIVE_MEAN, DRIVE_STD
@@ -341,8 +348,3 @@ class RepeatDataset(Dataset):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
-
-if __name__ == "__main__":  # the synthetic-data writer's command line
-    from train_utils import synthetic
-
-    run_cli(synthetic.main, synthetic.get_args_parser().parse_args())

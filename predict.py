@@ -1,13 +1,19 @@
 """Predict vessel masks for fundus photographs with a checkpoint written by ``train.py``.
 
+    python predict.py --img data/synthetic/DRIVE/test/images/01_test.tif    # after train.py --demo
     python predict.py --weights save_weights/best_model.pth --img DRIVE/test/images/01_test.tif \\
         --roi-mask DRIVE/test/mask/01_test_mask.gif --output test_result.png
-    python predict.py --img DRIVE/test/images --roi-mask DRIVE/test/mask --output predictions --save-prob --overlay
-    python predict.py --img photo.jpg --tta --output out/        # FOV estimated from the dark border
+    python predict.py --img DRIVE/test/images --roi-mask DRIVE/test/mask --output-dir out --save-prob --overlay
+    python predict.py --img photo.jpg --tta        # FOV estimated from the dark border
     python predict.py --img big_3500x2300.png --tile-size 512 --tile-overlap 64 --device cpu
 
-For each input ``<stem>.<ext>`` it writes ``<stem>.png``: 0/255 with 255 where
-the predicted class is not the background (with more than one foreground
+Without ``--weights`` it uses ``save_weights/best_model.pth``, else
+``save_weights/demo/best_model.pth`` (what ``train.py --demo`` writes), so the
+first example writes ``predictions/01_test.png``.
+
+For each input ``<stem>.<ext>`` it writes ``<stem>.png`` in ``--output-dir``
+(or, for one image, ``--output FILE.png``): 0/255 with 255 where the
+predicted class is not the background (with more than one foreground
 class: a palette PNG of class indices); ``--save-prob`` adds
 ``<stem>_prob.png``, the foreground probability 1 - P(background) as 0..255;
 ``--overlay`` adds ``<stem>_overlay.png``, the vessels drawn over the photograph.
@@ -22,13 +28,16 @@ onnxruntime on the CPU instead, with the same outputs.
 Images larger than ``--tile-size`` are predicted in overlapping tiles blended
 with a smooth window, so memory stays bounded whatever the image size.
 """
-import argparse
 import os
 import time
 
 from train_utils.allocator import use_fast_allocator
+from train_utils.cli import predict_parser as get_args_parser, weights_or_default
 
-if __name__ == "__main__":  # first, before torch loads: run again with a fast allocator (train_utils/allocator.py)
+# First, before torch loads: --help and mistyped flags are answered at once (train_utils/cli.py imports no
+# torch); then the script runs again with a fast allocator (train_utils/allocator.py).
+if __name__ == "__main__":
+    cli_args = get_args_parser(doc=__doc__).parse_args()
     use_fast_allocator()
 
 import numpy as np
@@ -49,43 +58,6 @@ OVERLAY_ALPHA = 0.6
 # Class colours for overlays and palette masks: background black, then green (vessels), red, blue, ...
 CLASS_COLOURS = [(0, 0, 0), (0, 255, 0), (255, 0, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
                  (255, 128, 0), (128, 0, 255), (0, 128, 255), (255, 255, 255)]
-
-
-def get_args_parser(add_help=True):
-    parser = argparse.ArgumentParser(description="Predict retinal vessel masks with a trained U-Net",
-                                     add_help=add_help)
-    parser.add_argument("--weights", default="save_weights/best_model.pth",
-                        help="checkpoint written by train.py, or an .onnx model written by export.py "
-                             "(run with onnxruntime on the CPU)")
-    parser.add_argument("--img", "--input", dest="img", required=True,
-                        help="an image file (.tif/.png/.jpg/.gif/.bmp/.ppm/.pgm, also gzip-compressed as "
-                             ".ppm.gz) or a folder of them")
-    parser.add_argument("--roi-mask", "--roi_mask", dest="roi_mask", default=None,
-                        help="FOV mask file, or a folder holding <stem>_mask.* (DRIVE: NN_test_mask.gif for "
-                             "NN_test.tif, HRF: NN_h_mask.tif for NN_h.jpg) or <stem>.* for every image; "
-                             "default: estimate the FOV from the image")
-    parser.add_argument("--output", default="predictions",
-                        help="output folder, or a .png file name when predicting one image")
-    parser.add_argument("--save-prob", "--save_prob", dest="save_prob", action="store_true",
-                        help="also write <stem>_prob.png: foreground probability as 0..255")
-    parser.add_argument("--overlay", action="store_true",
-                        help="also write <stem>_overlay.png: the prediction drawn over the photograph")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
-    parser.add_argument("--amp", action="store_true", help="mixed precision: float16 on CUDA, bfloat16 on the CPU")
-    parser.add_argument("--tta", default=None, action=argparse.BooleanOptionalAction,
-                        help="test-time augmentation: average the softmax over horizontal and vertical flips "
-                             "(default: as the checkpoint's training validated, i.e. on for --recipe fast)")
-    parser.add_argument("-b", "--batch-size", default=1, type=int,
-                        help="tiles (or same-size whole images) per forward pass")
-    parser.add_argument("--tile-size", default=1024, type=int,
-                        help="images larger than this (pixels, either side) are predicted in tiles of this size; "
-                             "rounded down to a multiple of 16 (32 for the backbone models); 0: never tile")
-    parser.add_argument("--tile-overlap", default=128, type=int,
-                        help="overlap between neighbouring tiles (pixels), blended with a raised-cosine ramp")
-    parser.add_argument("--channels-last", "--channels_last", dest="channels_last", default=True,
-                        action=argparse.BooleanOptionalAction, help="NHWC memory format (faster convolutions)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    return parser
 
 
 def check_args(args):
@@ -134,14 +106,19 @@ def find_mask(roi, img_path):
 
 
 def output_paths(args, inputs, mask_files):
-    """For each input, its (mask, prob, overlay) output paths; refuses names that clash or hit an input."""
-    out = args.output
-    file_mode = not os.path.isdir(out) and out.lower().endswith(IMAGE_EXTS)
+    """For each input, its (mask, prob, overlay) output paths; refuses names that clash or hit an input.
+
+    ``--output`` names one image's mask file, or, as in earlier versions, a folder (an existing folder or a
+    name without an image suffix), which then replaces ``--output-dir``.
+    """
+    out = args.output or args.output_dir
+    file_mode = args.output is not None and not os.path.isdir(out) and out.lower().endswith(IMAGE_EXTS)
     if file_mode and not out.lower().endswith(".png"):
-        raise UserError(f"--output '{out}': masks are written as PNG; give a .png file name or a folder")
+        raise UserError(f"--output '{out}': masks are written as PNG; give a .png file name, or a folder with "
+                        "--output-dir")
     if file_mode and len(inputs) > 1:
         raise UserError(f"--output '{out}' is a file name but '{args.img}' holds {len(inputs)} images; "
-                        "give a folder")
+                        "give a folder with --output-dir")
     plans = []
     for path in inputs:
         base = os.path.splitext(out)[0] if file_mode else os.path.join(out, stem_of(path))
@@ -155,7 +132,7 @@ def output_paths(args, inputs, mask_files):
     protected |= {os.path.realpath(m) for m in mask_files if m}
     for p, r in zip(written, real):
         if r in protected:
-            raise UserError(f"output '{p}' would overwrite an input file; choose another --output")
+            raise UserError(f"output '{p}' would overwrite an input file; choose another --output-dir or --output")
     return plans
 
 
@@ -218,17 +195,18 @@ def main(args):
     sizes = [image_size(p) for p in inputs]  # every input readable before any work starts
     mask_files = [find_mask(args.roi_mask, p) for p in inputs]
     plans = output_paths(args, inputs, mask_files)
-    if args.weights.lower().endswith(".onnx"):  # exported by export.py: onnxruntime on the CPU, no PyTorch model
+    weights = weights_or_default(args.weights)
+    if weights.lower().endswith(".onnx"):  # exported by export.py: onnxruntime on the CPU, no PyTorch model
         from train_utils.onnx_runtime import load_onnx_model
-        model, saved, kwargs, device = load_onnx_model(args.weights, args.device, args.amp)
+        model, saved, kwargs, device = load_onnx_model(weights, args.device, args.amp)
     else:
         device = resolve_device(args.device)
-        model, saved, kwargs = load_model(args.weights, device, args.channels_last)
+        model, saved, kwargs = load_model(weights, device, args.channels_last)
     if args.tta is None:  # a recipe that validated with flip averaging is meant to be used with it
         args.tta = bool(saved.get("eval_tta", False))
     mean, std = normalisation(saved)
-    amp_dtype = autocast_dtype(device, args.amp)
-    print(f"using {device.type} device; model {src.describe(**kwargs)} from '{args.weights}'")
+    amp_dtype = autocast_dtype(device, args.amp, args.amp_dtype)
+    print(f"using {device.type} device; model {src.describe(**kwargs)} from '{weights}'")
     if args.roi_mask is None:
         print("no --roi-mask given: the field of view is estimated from each image's dark border")
 
@@ -264,5 +242,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
-    run_cli(main, args, debug=args.debug)
+    run_cli(main, cli_args, debug=cli_args.debug)

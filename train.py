@@ -20,8 +20,12 @@ import random
 import time
 
 from train_utils.allocator import use_fast_allocator
+from train_utils.cli import parse_args, train_parser as get_args_parser
 
-if __name__ == "__main__":  # first, before torch loads: run again with a fast allocator (train_utils/allocator.py)
+# First, before torch loads: --help and mistyped flags are answered at once (train_utils/cli.py imports no
+# torch); then the script runs again with a fast allocator (train_utils/allocator.py).
+if __name__ == "__main__":
+    cli_args = parse_args(get_args_parser(doc=__doc__))
     use_fast_allocator()
 
 import numpy as np
@@ -36,116 +40,14 @@ from train_utils.checkpoint import load_checkpoint, resume, safe_load, save_epoc
 from train_utils.errors import UserError, run_cli
 from train_utils.evaluation import validate, write_test_metrics
 from train_utils.files import ensure_writable_folder
-from train_utils.imaging import FOV_MODES, image_size
+from train_utils.imaging import image_size
+from train_utils.metrics import format_metrics
 from train_utils.pictures import TrainingPictures
 from train_utils.precision import cpu_has_native_bf16
-from train_utils.settings import CROP_SIZE, DEMO_DATA, RECIPES, Flag, Machine, resolve_settings
+from train_utils.settings import DEMO_DATA, Machine, resolve_settings
 from train_utils.synthetic import ensure_synthetic_drive
 from train_utils.train_and_eval import build_optimizer, create_lr_scheduler, train_one_epoch
-from train_utils.metrics import format_metrics
 from train_utils.transforms import get_transform
-
-
-def get_args_parser(add_help=True):
-    """The flags, grouped as the run's steps; a flag left out takes its value from the settings' layers."""
-    parser = argparse.ArgumentParser(description="PyTorch U-Net training on DRIVE", add_help=add_help,
-                                     argument_default=argparse.SUPPRESS)
-    data = Flag(parser.add_argument_group("data"))
-    data("--data-path", dest="data_path", help="drive: the folder that holds DRIVE/; other datasets: the folder "
-         "their archive unpacks to (see my_dataset.py)")
-    data("--dataset", dest="dataset", choices=list(DATASETS), help="file layout and split of --data-path")
-    data("--val-split", dest="val_split", type=int, metavar="N",
-         help="validate (and pick best_model.pth) on N held-out training images instead of the test split, "
-              "which only --test-only then reads")
-    data("--val-seed", dest="val_seed", type=int, help="seed of --val-split's choice of images")
-    data("--val-images", dest="val_images", nargs="+", metavar="NAME",
-         help="validate on these training images (file names), instead of --val-split's seeded choice")
-    data("--fov", dest="fov", choices=FOV_MODES, help="field of view of images without a FOV mask: estimate it "
-         "from the dark border as predict.py does, or count all pixels")
-    data("--num-classes", dest="num_classes", type=int, help="foreground classes (background excluded)")
-    data("--base-size", dest="base_size", type=int, help="random resize of the shorter side to --scale-range x "
-         "this (default: the dataset's; drive 565, else the median shorter side of the training images)")
-    data("--crop-size", dest="crop_size", type=int,
-         help=f"training crop in pixels (default: {CROP_SIZE}, or --base-size if smaller)")
-    data("--scale-range", dest="scale_range", type=float, nargs=2, metavar=("MIN", "MAX"),
-         help="training images are resized by a random factor in [MIN, MAX] of --base-size")
-    data("--mean", dest="mean", type=float, nargs=3, help="input normalisation (default: the dataset's, from "
-         "compute_mean_std.py; ImageNet's with --pretrained-backbone)")
-    data("--std", dest="std", type=float, nargs=3, help="as --mean")
-    data("-j", "--workers", dest="workers", type=int,
-         help="data-loading worker processes (default: 0 on the CPU, else min(cpus, batch size, 8))")
-
-    model = Flag(parser.add_argument_group("model"))
-    model("--model", dest="model", choices=src.MODEL_NAMES, help="network (src.MODELS)")
-    model("--base-c", dest="base_c", type=int,
-          help="U-Net width: channels of the first stage (--recipe fast: 32 with AMP, else 16)")
-    model("--pretrained-backbone", dest="pretrained_backbone", metavar="PATH",
-          help="local torchvision ImageNet weight file for the vgg16/mobilenet encoder")
-    model("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction,
-          aliases=("--channels_last",), help="NHWC memory format for training (default: on CUDA, and on the CPU "
-          "with bfloat16 AMP); validation uses it unless --no-channels-last")
-    model("--compile", dest="compile", action="store_true", help="torch.compile the model")
-
-    opt = Flag(parser.add_argument_group("optimisation"))
-    opt("--device", dest="device", help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
-    opt("-b", "--batch-size", dest="batch_size", type=int, help="images per step (per process under DDP)")
-    opt("--epochs", dest="epochs", type=int, metavar="N", help="number of total epochs to train")
-    opt("--start-epoch", dest="start_epoch", type=int, metavar="N", aliases=("--start_epoch",),
-        help="first epoch (--resume continues from its checkpoint's)")
-    opt("--stop-epoch", dest="stop_epoch", type=int, metavar="N", help="stop after epoch N of the --epochs "
-        "schedule (e.g. a time-limited job); --resume checkpoint.pth continues it")
-    opt("--opt", dest="opt", choices=["sgd", "adamw"], help="optimiser (sgd uses --momentum)")
-    opt("--lr", dest="lr", type=float, help="initial learning rate")
-    opt("--momentum", dest="momentum", type=float, help="SGD momentum")
-    opt("--wd", "--weight-decay", dest="weight_decay", type=float, help="weight decay")
-    opt("--lr-schedule", dest="lr_schedule", choices=["poly", "cosine"],
-        help="per-step decay after the 1-epoch warm-up: (1 - progress) ** 0.9 or cosine to 0")
-    opt("--amp", dest="amp", action=argparse.BooleanOptionalAction, help="mixed precision: float16 on CUDA, "
-        "bfloat16 on the CPU (--recipe fast: where it is faster, CUDA and CPUs with bfloat16 hardware)")
-    opt("--amp-dtype", dest="amp_dtype", choices=["float16", "bfloat16"], help="with --amp: the autocast dtype")
-    opt("--seed", dest="seed", type=int, help="seed every random generator")
-    opt("--deterministic", dest="deterministic", action="store_true", help="use deterministic algorithms only")
-
-    recipe = Flag(parser.add_argument_group("recipe and augmentation"))
-    recipe("--recipe", dest="recipe", choices=sorted(RECIPES), help="tutorial: the tutorial's run; fast: AdamW + "
-           "cosine, 4 crops of 256 per image in batches of 4, rotation and colour jitter, AMP where it is faster "
-           "(then base_c 32, else 16), flip-averaged validation every 10 epochs, 50 epochs")
-    recipe("--crops-per-image", dest="crops_per_image", type=int, metavar="N",
-           help="random crops of every training image per epoch")
-    recipe("--rotate", dest="rotate", type=float, metavar="DEG", help="random rotation in [-DEG, DEG] degrees")
-    recipe("--color-jitter", dest="color_jitter", type=float, metavar="S",
-           help="random brightness and contrast in [1-S, 1+S], gamma in [exp(-S), exp(S)]")
-    recipe("--demo", dest="demo", action="store_true",
-           help="write a small synthetic DRIVE-format sample (if absent) and train on it on the CPU")
-
-    evaluation = Flag(parser.add_argument_group("evaluation"))
-    evaluation("--eval-tta", dest="eval_tta", action=argparse.BooleanOptionalAction,
-               help="validate on the softmax averaged over the image and its two flips")
-    evaluation("--eval-every", dest="eval_every", type=int, metavar="N",
-               help="validate every N epochs (and always after the last one)")
-    evaluation("--val-tile-size", dest="val_tile_size", type=int,
-               help="validation images larger than this are predicted in tiles, as predict.py does (0: never)")
-    evaluation("--test-only", dest="test_only", action="store_true",
-               help="only evaluate the weights of --resume on the test split")
-
-    output = Flag(parser.add_argument_group("output"))
-    output("--output-dir", dest="output_dir", help="checkpoints, logs and pictures go here")
-    output("--resume", "--weights", dest="resume", metavar="PATH",
-           help="checkpoint to resume from (with --test-only: the weights to evaluate)")
-    output("--save-best", dest="save_best", action=argparse.BooleanOptionalAction, aliases=("--save_best",),
-           help="keep best_model.pth (best validation dice); --no-save-best keeps model_N.pth of every epoch")
-    output("--print-freq", dest="print_freq", type=int, help="print every N steps")
-    output("--plots", dest="plots", action=argparse.BooleanOptionalAction,
-           help="write curves.png after every epoch and val_preview.png for the best model")
-    output("--tensorboard", dest="tensorboard", action="store_true", help="also log the metrics and the preview "
-           "for TensorBoard in OUTPUT_DIR/tensorboard (needs: pip install tensorboard)")
-    output("--debug", dest="debug", action="store_true", help="show tracebacks")
-    return parser
-
-
-def parse_args(parser, argv=None):
-    """What was typed: flags left out are absent (their values come from ``resolve_settings``)."""
-    return parser.parse_args(argv)
 
 
 def detect_machine():
@@ -322,7 +224,7 @@ def main(args):
         del checkpoint
 
     # 5. The epochs: train, validate, log, save
-    log = EpochLog(s.output_dir, utils.is_main_process())
+    log = EpochLog(s.output_dir, utils.is_main_process(), start_epoch, last_epoch, s.epochs)
     with pictures:  # closes the TensorBoard log when training ends
         for epoch in range(start_epoch, last_epoch):
             if proc.distributed:
@@ -427,17 +329,21 @@ def evaluate_checkpoint(s, model, checkpoint, val_loader, device):
 
 
 class EpochLog:
-    """The tutorial's results file and ``log.jsonl``: one block and one JSON line per validated epoch."""
+    """The tutorial's results file and ``log.jsonl``: one block and one JSON line per validated epoch, and a
+    progress line with the time left."""
 
-    def __init__(self, output_dir, enabled):
+    def __init__(self, output_dir, enabled, first_epoch, last_epoch, epochs):
         self.enabled = enabled
         self.start = time.time()
         self.results_file = os.path.join(output_dir, "results{}.txt".format(
             datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
         self.jsonl = os.path.join(output_dir, "log.jsonl")
+        # This process trains epochs [first_epoch, last_epoch) of the ``epochs`` of the schedule.
+        self.first_epoch, self.last_epoch, self.epochs = first_epoch, last_epoch, epochs
 
     def write(self, epoch, mean_loss, lr, result, epoch_start):
-        """Write the epoch's block and record; returns the record (None on other processes).
+        """Write the epoch's block and record, and print the progress line; returns the record (None on other
+        processes).
 
         ``epoch_time`` is this epoch's training and validation; ``elapsed`` the seconds since this process's
         first epoch began (every epoch since, also those not validated under ``--eval-every``).
@@ -453,7 +359,16 @@ class EpochLog:
                   "elapsed": now - self.start}
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+        print(self.progress(epoch, now - self.start), flush=True)
         return record
+
+    def progress(self, epoch, elapsed):
+        """``epoch 3/50 done: 0:01:12 elapsed, about 0:18:40 left``: the time left until the run's last epoch,
+        at the mean pace of this process's epochs so far (validation included)."""
+        done = epoch + 1 - self.first_epoch
+        left = elapsed / done * (self.last_epoch - epoch - 1)
+        return (f"epoch {epoch + 1}/{self.epochs} done: {datetime.timedelta(seconds=round(elapsed))} elapsed, "
+                f"about {datetime.timedelta(seconds=round(left))} left")
 
 
 def json_safe(value):
@@ -467,8 +382,8 @@ def json_safe(value):
     return value
 
 
-def cli(parser, argv=None):
-    args = parse_args(parser, argv)
+def cli(args):
+    """Run ``main`` on the parsed flags: one-line errors, and the process group closed whatever happens."""
     try:
         run_cli(main, args, debug=getattr(args, "debug", False))
     finally:
@@ -476,4 +391,4 @@ def cli(parser, argv=None):
 
 
 if __name__ == "__main__":
-    cli(get_args_parser())
+    cli(cli_args)

@@ -6,31 +6,16 @@
 
 ``-b`` is the batch per process: the total batch is ``-b x processes``.
 """
-import argparse
-
 from train_utils.allocator import use_fast_allocator
+from train_utils.cli import parse_args, train_multi_gpu_parser as get_args_parser
 
-if __name__ == "__main__":  # first, before torch loads: run again with a fast allocator (train_utils/allocator.py)
+# First, before torch loads: --help and mistyped flags are answered at once (train_utils/cli.py imports no
+# torch); then the script runs again with a fast allocator (train_utils/allocator.py).
+if __name__ == "__main__":
+    cli_args = parse_args(get_args_parser(doc=__doc__))
     use_fast_allocator()
 
 import train
-from train_utils.settings import Flag
-
-
-def get_args_parser(add_help=True):
-    parser = argparse.ArgumentParser(description="PyTorch U-Net DDP training on DRIVE", add_help=add_help,
-                                     parents=[train.get_args_parser(add_help=False)],
-                                     argument_default=argparse.SUPPRESS)
-    flag = Flag(parser.add_argument_group("distributed"))
-    flag("--sync-bn", dest="sync_bn", action="store_true", aliases=("--sync_bn",),
-         help="synchronise BatchNorm statistics across processes")
-    flag("--world-size", dest="world_size", type=int, aliases=("--world_size",),
-         help="kept for the original's command lines: torchrun's WORLD_SIZE decides")
-    flag("--dist-url", dest="dist_url", aliases=("--dist_url",), help="url used to set up the process group")
-    flag("--dist-timeout", dest="dist_timeout", type=float, metavar="MIN",
-         help="minutes a collective may wait for a lost process before the run fails")
-    return parser
-
 
 if __name__ == "__main__":
-    train.cli(get_args_parser())
+    train.cli(cli_args)

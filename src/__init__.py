@@ -2,17 +2,16 @@
 
 The package depends on torch and torchvision only: a bad setting or a weight
 file that does not fit raises ``ValueError``, which the scripts report.
+Importing it loads neither: the scripts' parsers read ``MODEL_NAMES`` before
+torch loads (``--help`` answers at once), so each model module is imported
+when a model is first built or named (``from src import UNet`` still works).
 
 Adding a model: write its module (``forward`` returns ``{"out": logits}``),
 then add one ``ModelSpec`` to ``MODELS``. Everything else (the ``--model``
 choices, tiling, export sizes, what the scripts print) reads the entry.
 """
+import importlib
 from typing import Callable, NamedTuple
-
-from .backbone import IMAGENET_MEAN, IMAGENET_STD, PRETRAIN_ONLY_BACKBONES, load_backbone_weights
-from .mobilenet_unet import MobileV3Unet
-from .unet import UNet
-from .vgg_unet import VGG16UNet
 
 
 class ModelSpec(NamedTuple):
@@ -26,15 +25,19 @@ class ModelSpec(NamedTuple):
 
 def _unet(num_classes, base_c, pretrain_backbone):
     if pretrain_backbone:
+        from .backbone import PRETRAIN_ONLY_BACKBONES
         raise ValueError(PRETRAIN_ONLY_BACKBONES)
+    from .unet import UNet
     return UNet(in_channels=3, num_classes=num_classes, bilinear=True, base_c=base_c)
 
 
 def _vgg16_unet(num_classes, base_c, pretrain_backbone):
+    from .vgg_unet import VGG16UNet
     return VGG16UNet(num_classes, pretrain_backbone)
 
 
 def _mobilenet_v3_unet(num_classes, base_c, pretrain_backbone):
+    from .mobilenet_unet import MobileV3Unet
     return MobileV3Unet(num_classes, pretrain_backbone)
 
 
@@ -71,6 +74,23 @@ def describe(model, num_classes, base_c):
     """``unet (2 classes incl. background, base_c 32)``: how the scripts name a model they load."""
     width = f", base_c {base_c}" if model_spec(model).uses_base_c else ""
     return f"{model} ({num_classes} classes incl. background{width})"
+
+
+# The names served from their modules on first use (PEP 562), which import torch.
+_LAZY = {
+    "UNet": "unet",
+    "VGG16UNet": "vgg_unet",
+    "MobileV3Unet": "mobilenet_unet",
+    "load_backbone_weights": "backbone",
+    "IMAGENET_MEAN": "backbone",
+    "IMAGENET_STD": "backbone",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

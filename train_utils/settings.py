@@ -39,6 +39,8 @@ BASE_SIZE = 565
 CROP_SIZE = 480
 # The tutorial resizes the shorter side of a training image to a random [0.5, 1.2] x BASE_SIZE.
 SCALE_RANGE = (0.5, 1.2)
+# The field of view of a photograph without a mask file: estimated from its dark border, or every pixel.
+FOV_MODES = ("estimate", "all")
 
 # Every setting of train.py and train_multi_GPU.py with the tutorial's value. None: decided later
 # (by the dataset or the machine); the help text of each flag says how.
@@ -320,25 +322,31 @@ def check_values(v):
         raise UserError(f"--color-jitter must be in [0, 1) (got {v['color_jitter']})")
 
 
-def default_text(name):
-    """`` (default: X)`` for a flag's help, from ``TUTORIAL``."""
-    value = TUTORIAL[name]
-    if value is None:
-        return ""
+def shown_default(value):
+    """A default as ``--help`` shows it: on/off, ``a,b`` for a list."""
     if isinstance(value, bool):
-        value = "on" if value else "off"
-    return f" (default: {_shown(value)})"
+        return "on" if value else "off"
+    return _shown(value)
+
+
+def default_text(value):
+    """`` (default: X)`` for a flag's help; nothing for None or "" (none, or the help says what decides it)."""
+    return "" if value is None or value == "" else f" (default: {shown_default(value)})"
 
 
 class Flag:
-    """Adds one flag to an argparse group with the setting's name, its tutorial default in the help, and
-    older spellings (``--start_epoch``) accepted without cluttering ``--help``."""
+    """Adds one flag to an argparse group (or parser) with its default in the help, and older spellings
+    (``--start_epoch``) accepted without cluttering ``--help`` or the usage line.
+
+    The default shown is the parser default when one is given, else the tutorial's value of the setting
+    (``TUTORIAL[dest]``): train.py's parser default means "not given" (resolve_settings decides).
+    """
 
     def __init__(self, group):
         self.group = group
 
     def __call__(self, *names, dest, help, aliases=(), **kw):
-        default = "" if kw.get("action") == "store_true" else default_text(dest)
-        self.group.add_argument(*names, dest=dest, help=help + default, **kw)
+        shown = "" if kw.get("action") == "store_true" else default_text(kw.get("default", TUTORIAL.get(dest)))
+        self.group.add_argument(*names, dest=dest, help=help + shown, **kw)
         for alias in aliases:
             self.group.add_argument(alias, dest=dest, help=argparse.SUPPRESS, **kw)

@@ -7,20 +7,24 @@ the dataset's archive unpacks (names, formats, splits), so the same readers
     python my_dataset.py --output-dir data/synthetic                  # DRIVE format: data/synthetic/DRIVE
     python -m train_utils.synthetic --dataset stare --output-dir data/stare --num-train 10 --num-test 5
 """
-import argparse
 import gzip
 import io
 import json
 import math
 import os
+import sys
 from typing import NamedTuple
+
+if __name__ == "__main__":  # python -m train_utils.synthetic: the flags are checked before numpy and torch load
+    from train_utils.cli import synthetic_main
+    sys.exit(synthetic_main(doc=__doc__))
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from my_dataset import CHASE_TRAIN_LAST, HRF_TRAIN_LAST
 
-from .errors import UserError, run_cli
+from .errors import UserError
 from .imaging import palette_image, split_ext
 
 
@@ -291,31 +295,8 @@ def write_synthetic(root, dataset="drive", num_train=20, num_test=20, height=584
 # command line
 
 
-def get_args_parser(add_help=True):
-    parser = argparse.ArgumentParser(description="Write synthetic fundus data in a dataset's file layout",
-                                     add_help=add_help)
-    parser.add_argument("--output-dir", default="data/synthetic", metavar="DIR",
-                        help="root folder; drive writes DRIVE/ inside it (default: %(default)s)")
-    parser.add_argument("--out", dest="output_dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    parser.add_argument("--dataset", default="drive", choices=WRITERS,
-                        help="whose file names, formats and splits (default: %(default)s)")
-    parser.add_argument("--layout", dest="dataset", default=argparse.SUPPRESS, choices=WRITERS,
-                        help=argparse.SUPPRESS)
-    parser.add_argument("--num-train", default=20, type=int, help="training images (default: %(default)s)")
-    parser.add_argument("--num-test", default=20, type=int, help="test images (default: %(default)s)")
-    parser.add_argument("--height", default=584, type=int, help="image height, at least 32 (default: %(default)s)")
-    parser.add_argument("--width", default=565, type=int, help="image width, at least 32 (default: %(default)s)")
-    parser.add_argument("--seed", default=0, type=int,
-                        help="the same seed writes the same files (default: %(default)s)")
-    parser.add_argument("--num-classes", default=1, type=int,
-                        help="folder: 2 adds the optic disc as a second class, in palette labels "
-                             "(default: %(default)s)")
-    parser.add_argument("--no-masks", dest="masks", action="store_false",
-                        help="folder: no masks/ folder, so the FOV is estimated (default: masks written)")
-    return parser
-
-
 def main(args):
+    """Write the data ``train_utils.cli.synthetic_parser``'s flags ask for."""
     if min(args.num_train, args.num_test) < 0 or min(args.height, args.width) < 32:
         raise UserError("counts must be >= 0 and height/width >= 32")
     write_synthetic(args.output_dir, args.dataset, args.num_train, args.num_test, args.height, args.width,
@@ -323,6 +304,3 @@ def main(args):
     where = os.path.join(args.output_dir, "DRIVE") if args.dataset == "drive" else args.output_dir
     print(f"wrote {args.num_train} training and {args.num_test} test images ({args.dataset} layout) to '{where}'")
 
-
-if __name__ == "__main__":
-    run_cli(main, get_args_parser().parse_args())

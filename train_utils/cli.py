@@ -1,0 +1,371 @@
+"""Every script's command line: its flags, their help and defaults, and its example commands, built without
+importing torch, so that ``--help`` and a mistyped flag are answered at once.
+
+A script parses its arguments with these parsers first, then re-executes itself
+with a fast allocator (train_utils/allocator.py) and only then loads torch.
+The same idea has the same flag in every script: ``--weights`` a checkpoint,
+``--output-dir`` a folder, ``--output`` a file, ``--dataset`` a file layout,
+``--tta`` flip averaging, ``--tile-size`` tiled prediction, ``--amp`` mixed
+precision. Older spellings (``--save_best``, ``--eval-tta``) are still
+accepted, but not shown.
+
+``python -m train_utils.cli --write-flag-reference docs/training.md`` rewrites
+the flag tables of docs/training.md from train.py's and train_multi_GPU.py's
+parsers (``flag_reference``).
+"""
+import argparse
+import ast
+import importlib.util
+import os
+
+import src
+
+from .errors import UserError, run_cli
+from .settings import CROP_SIZE, DEMO, FOV_MODES, RECIPES, TUTORIAL, Flag, default_text, shown_default
+
+# export.py's formats (and the suffix predict.py recognises each by) and its ONNX opset.
+EXPORT_FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
+ONNX_OPSET = 18
+# Where predict.py and export.py look for weights without --weights: what train.py writes by default, then
+# what train.py --demo writes.
+DEFAULT_WEIGHTS = tuple(os.path.join(d, "best_model.pth") for d in (TUTORIAL["output_dir"], DEMO["output_dir"]))
+PREDICTIONS_DIR = "predictions"
+REFERENCE_BEGIN, REFERENCE_END = "<!-- flag-reference: begin -->", "<!-- flag-reference: end -->"
+
+
+def dataset_names():
+    """The names of ``my_dataset.DATASETS``, read from my_dataset.py's source without running it: importing
+    my_dataset loads torch (its Dataset classes), which ``--help`` does not wait for."""
+    path = importlib.util.find_spec("my_dataset").origin
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["DATASETS"]:
+            return tuple(ast.literal_eval(key) for key in node.value.keys)
+    raise RuntimeError(f"no DATASETS = {{...}} in {path}")
+
+
+def examples(doc):
+    """``examples:`` and the example commands of a script's docstring (its lines starting with ``python`` or
+    ``torchrun``, and their continuation lines), for the end of ``--help``."""
+    lines, continued = [], False
+    for line in (doc or "").splitlines():
+        if continued or line.strip().startswith(("python ", "torchrun ")):
+            lines.append("  " + line.strip() if not continued else "      " + line.strip())
+            continued = line.rstrip().endswith("\\")
+    return "examples:\n" + "\n".join(lines) if lines else None
+
+
+def new_parser(description, doc=None, add_help=True, **kw):
+    """A parser whose ``--help`` keeps the description's line breaks and ends with ``doc``'s examples."""
+    return argparse.ArgumentParser(description=description, epilog=examples(doc), add_help=add_help,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+
+def parse_args(parser, argv=None):
+    """What was typed: flags left out are absent (their values come from ``resolve_settings``)."""
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------
+# train.py and train_multi_GPU.py
+
+
+def train_parser(add_help=True, doc=None):
+    """train.py's flags, grouped as the run's steps; a flag left out takes its value from the settings' layers."""
+    parser = new_parser("PyTorch U-Net training on DRIVE. A flag left out takes the value --recipe, --demo, the "
+                        "dataset\nor the --resume checkpoint gives it, else the tutorial's default shown here "
+                        "(train_utils/settings.py).", doc, add_help, argument_default=argparse.SUPPRESS)
+    _data_flags(Flag(parser.add_argument_group("data")))
+    _model_flags(Flag(parser.add_argument_group("model")))
+    _optimisation_flags(Flag(parser.add_argument_group("optimisation")))
+    _recipe_flags(Flag(parser.add_argument_group("recipe and augmentation")))
+    _evaluation_flags(Flag(parser.add_argument_group("evaluation")))
+    _output_flags(Flag(parser.add_argument_group("output")))
+    return parser
+
+
+def _data_flags(data):
+    data("--data-path", dest="data_path", metavar="PATH", help="drive: the folder that holds DRIVE/; other "
+         "datasets: the folder their archive unpacks to (see my_dataset.py)")
+    data("--dataset", dest="dataset", choices=dataset_names(), help="file layout and split of --data-path")
+    data("--val-split", dest="val_split", type=int, metavar="N",
+         help="validate (and pick best_model.pth) on N held-out training images instead of the test split, "
+              "which only --test-only then reads")
+    data("--val-seed", dest="val_seed", type=int, metavar="N", help="seed of --val-split's choice of images")
+    data("--val-images", dest="val_images", nargs="+", metavar="NAME",
+         help="validate on these training images (file names), instead of --val-split's seeded choice")
+    data("--fov", dest="fov", choices=FOV_MODES, help="field of view of images without a FOV mask: estimate it "
+         "from the dark border as predict.py does, or count all pixels")
+    data("--num-classes", dest="num_classes", type=int, metavar="N",
+         help="foreground classes (background excluded)")
+    data("--base-size", dest="base_size", type=int, metavar="PX", help="random resize of the shorter side to "
+         "--scale-range x this (default: the dataset's; drive 565, else the median shorter side of the training "
+         "images)")
+    data("--crop-size", dest="crop_size", type=int, metavar="PX",
+         help=f"training crop in pixels (default: {CROP_SIZE}, or --base-size if smaller)")
+    data("--scale-range", dest="scale_range", type=float, nargs=2, metavar=("MIN", "MAX"),
+         help="training images are resized by a random factor in [MIN, MAX] of --base-size")
+    data("--mean", dest="mean", type=float, nargs=3, metavar=("R", "G", "B"), help="input normalisation "
+         "(default: the dataset's, from compute_mean_std.py; ImageNet's with --pretrained-backbone)")
+    data("--std", dest="std", type=float, nargs=3, metavar=("R", "G", "B"), help="as --mean")
+    data("-j", "--workers", dest="workers", type=int, metavar="N",
+         help="data-loading worker processes (default: 0 on the CPU, else min(cpus, batch size, 8))")
+
+
+def _model_flags(model):
+    model("--model", dest="model", choices=src.MODEL_NAMES, help="network (src.MODELS)")
+    model("--base-c", dest="base_c", type=int, metavar="N",
+          help="U-Net width: channels of the first stage (--recipe fast: 32 with AMP, else 16)")
+    model("--pretrained-backbone", dest="pretrained_backbone", metavar="PATH",
+          help="local torchvision ImageNet weight file for the vgg16/mobilenet encoder")
+    model("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction,
+          aliases=("--channels_last",), help="NHWC memory format for training (default: on CUDA, and on the CPU "
+          "with bfloat16 AMP); validation uses it unless --no-channels-last")
+    model("--compile", dest="compile", action="store_true", help="torch.compile the model")
+
+
+def _optimisation_flags(opt):
+    opt("--device", dest="device", help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
+    opt("-b", "--batch-size", dest="batch_size", type=int, metavar="N",
+        help="images per step (per process under DDP)")
+    opt("--epochs", dest="epochs", type=int, metavar="N", help="number of total epochs to train")
+    opt("--start-epoch", dest="start_epoch", type=int, metavar="N", aliases=("--start_epoch",),
+        help="first epoch (--resume continues from its checkpoint's)")
+    opt("--stop-epoch", dest="stop_epoch", type=int, metavar="N", help="stop after epoch N of the --epochs "
+        "schedule (e.g. a time-limited job); --resume checkpoint.pth continues it")
+    opt("--opt", dest="opt", choices=["sgd", "adamw"], help="optimiser (sgd uses --momentum)")
+    opt("--lr", dest="lr", type=float, help="initial learning rate")
+    opt("--momentum", dest="momentum", type=float, help="SGD momentum")
+    opt("--wd", "--weight-decay", dest="weight_decay", type=float, metavar="WD", help="weight decay")
+    opt("--lr-schedule", dest="lr_schedule", choices=["poly", "cosine"],
+        help="per-step decay after the 1-epoch warm-up: (1 - progress) ** 0.9 or cosine to 0")
+    opt("--amp", dest="amp", action=argparse.BooleanOptionalAction, help="mixed precision: float16 on CUDA, "
+        "bfloat16 on the CPU (--recipe fast: where it is faster, CUDA and CPUs with bfloat16 hardware)")
+    opt("--amp-dtype", dest="amp_dtype", choices=["float16", "bfloat16"], help="with --amp: the autocast dtype")
+    opt("--seed", dest="seed", type=int, help="seed every random generator")
+    opt("--deterministic", dest="deterministic", action="store_true", help="use deterministic algorithms only")
+
+
+def _recipe_flags(recipe):
+    recipe("--recipe", dest="recipe", choices=sorted(RECIPES), help="tutorial: the tutorial's run; fast: AdamW + "
+           "cosine, 4 crops of 256 per image in batches of 4, rotation and colour jitter, AMP where it is faster "
+           "(then base_c 32, else 16), flip-averaged validation every 10 epochs, 50 epochs")
+    recipe("--crops-per-image", dest="crops_per_image", type=int, metavar="N",
+           help="random crops of every training image per epoch")
+    recipe("--rotate", dest="rotate", type=float, metavar="DEG", help="random rotation in [-DEG, DEG] degrees")
+    recipe("--color-jitter", dest="color_jitter", type=float, metavar="S",
+           help="random brightness and contrast in [1-S, 1+S], gamma in [exp(-S), exp(S)]")
+    recipe("--demo", dest="demo", action="store_true",
+           help="write a small synthetic DRIVE-format sample (if absent) and train on it on the CPU")
+
+
+def _evaluation_flags(evaluation):
+    evaluation("--tta", dest="eval_tta", action=argparse.BooleanOptionalAction, aliases=("--eval-tta",),
+               help="validate on the softmax averaged over the image and its two flips (as predict.py --tta)")
+    evaluation("--eval-every", dest="eval_every", type=int, metavar="N",
+               help="validate every N epochs (and always after the last one)")
+    evaluation("--tile-size", dest="val_tile_size", type=int, metavar="PX", aliases=("--val-tile-size",),
+               help="validation images larger than this are predicted in tiles, as predict.py does (0: never)")
+    evaluation("--test-only", dest="test_only", action="store_true",
+               help="only evaluate the weights of --resume (or --weights) on the test split")
+
+
+def _output_flags(output):
+    output("--output-dir", dest="output_dir", metavar="DIR", help="checkpoints, logs and pictures go here")
+    output("--resume", "--weights", dest="resume", metavar="PATH", help="checkpoint to continue training from; "
+           "with --test-only, the weights to evaluate (--weights, as predict.py names it)")
+    output("--save-best", dest="save_best", action=argparse.BooleanOptionalAction, aliases=("--save_best",),
+           help="keep best_model.pth (best validation dice); --no-save-best keeps model_N.pth of every epoch")
+    output("--print-freq", dest="print_freq", type=int, metavar="N", help="print every N steps")
+    output("--plots", dest="plots", action=argparse.BooleanOptionalAction,
+           help="write curves.png after every epoch and val_preview.png for the best model")
+    output("--tensorboard", dest="tensorboard", action="store_true", help="also log the metrics and the preview "
+           "for TensorBoard in OUTPUT_DIR/tensorboard (needs: pip install tensorboard)")
+    output("--debug", dest="debug", action="store_true", help="show tracebacks")
+
+
+def train_multi_gpu_parser(add_help=True, doc=None):
+    """train_multi_GPU.py's flags: train.py's and the distributed ones."""
+    parser = new_parser("PyTorch U-Net DDP training on DRIVE (under torchrun); train.py's flags and the distributed "
+                        "ones.", doc, add_help, parents=[train_parser(add_help=False)],
+                        argument_default=argparse.SUPPRESS)
+    flag = Flag(parser.add_argument_group("distributed"))
+    flag("--sync-bn", dest="sync_bn", action="store_true", aliases=("--sync_bn",),
+         help="synchronise BatchNorm statistics across processes")
+    flag("--world-size", dest="world_size", type=int, metavar="N", aliases=("--world_size",),
+         help="kept for the original's command lines: torchrun's WORLD_SIZE decides")
+    flag("--dist-url", dest="dist_url", metavar="URL", aliases=("--dist_url",),
+         help="url used to set up the process group")
+    flag("--dist-timeout", dest="dist_timeout", type=float, metavar="MIN",
+         help="minutes a collective may wait for a lost process before the run fails")
+    return parser
+
+
+# ---------------------------------------------------------------------------
+# predict.py, export.py, compute_mean_std.py, my_dataset.py
+
+
+def _weights_flag(flag, what):
+    flag("--weights", dest="weights", default=None, metavar="PATH", help=f"{what} (default: "
+         f"{DEFAULT_WEIGHTS[0]}, else {DEFAULT_WEIGHTS[1]}, which train.py --demo writes)")
+
+
+def predict_parser(add_help=True, doc=None):
+    parser = new_parser("Predict retinal vessel masks with a trained U-Net.", doc, add_help)
+    flag = Flag(parser)
+    _weights_flag(flag, "checkpoint written by train.py, or an .onnx model written by export.py (run with "
+                        "onnxruntime on the CPU)")
+    # Both names shown: argparse counts a required flag as given only under its own action, not a hidden alias's.
+    flag("--img", "--input", dest="img", required=True, metavar="PATH",
+         help="an image file (.tif/.png/.jpg/.gif/.bmp/.ppm/.pgm, also gzip-compressed as .ppm.gz) or a folder")
+    flag("--roi-mask", dest="roi_mask", default=None, metavar="PATH", aliases=("--roi_mask",),
+         help="FOV mask file, or a folder holding <stem>_mask.* (DRIVE: NN_test_mask.gif for NN_test.tif, HRF: "
+              "NN_h_mask.tif for NN_h.jpg) or <stem>.* for every image (default: estimate the FOV from the image)")
+    flag("--output-dir", dest="output_dir", default=PREDICTIONS_DIR, metavar="DIR",
+         help="folder for <stem>.png (and <stem>_prob.png, <stem>_overlay.png) of every input")
+    flag("--output", dest="output", default=None, metavar="FILE.png",
+         help="one image's mask file instead (_prob.png, _overlay.png beside it); a folder means --output-dir")
+    flag("--save-prob", dest="save_prob", action="store_true", aliases=("--save_prob",),
+         help="also write <stem>_prob.png: foreground probability as 0..255")
+    flag("--overlay", dest="overlay", action="store_true",
+         help="also write <stem>_overlay.png: the prediction drawn over the photograph")
+    flag("--device", dest="device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
+    flag("--amp", dest="amp", default=False, action=argparse.BooleanOptionalAction,
+         help="mixed precision: float16 on CUDA, bfloat16 on the CPU")
+    flag("--amp-dtype", dest="amp_dtype", default=None, choices=["float16", "bfloat16"],
+         help="with --amp: the autocast dtype")
+    flag("--tta", dest="tta", default=None, action=argparse.BooleanOptionalAction,
+         help="average the softmax over the image and its horizontal and vertical flips (default: as the "
+              "checkpoint's training validated, i.e. on for --recipe fast)")
+    flag("-b", "--batch-size", dest="batch_size", default=1, type=int, metavar="N",
+         help="tiles (or same-size whole images) per forward pass")
+    flag("--tile-size", dest="tile_size", default=TUTORIAL["val_tile_size"], type=int, metavar="PX",
+         help="images larger than this (either side) are predicted in tiles of this size, rounded down to a "
+              "multiple of 16 (32 for the backbone models); 0: never tile")
+    flag("--tile-overlap", dest="tile_overlap", default=128, type=int, metavar="PX",
+         help="overlap between neighbouring tiles, blended with a raised-cosine ramp")
+    flag("--channels-last", dest="channels_last", default=True, action=argparse.BooleanOptionalAction,
+         aliases=("--channels_last",), help="NHWC memory format (faster convolutions)")
+    flag("--debug", dest="debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def export_parser(add_help=True, doc=None):
+    parser = new_parser("Export a trained U-Net to ONNX or torch.export (.pt2).", doc, add_help)
+    flag = Flag(parser)
+    _weights_flag(flag, "checkpoint written by train.py")
+    flag("--format", dest="format", choices=sorted(EXPORT_FORMATS), default=None,
+         help="onnx (onnxruntime, no PyTorch needed) or pt2 (torch.export.load) (default: from the --output suffix)")
+    flag("--output", dest="output", default=None, metavar="FILE", help="file to write, ending in .onnx or .pt2 "
+         "(default: the checkpoint's name with the format's suffix)")
+    flag("--opset", dest="opset", default=ONNX_OPSET, type=int, metavar="N", help="ONNX opset version")
+    flag("--check", dest="check", default=True, action=argparse.BooleanOptionalAction,
+         help="run the exported model on an odd-sized input and compare it with PyTorch before writing (ONNX: "
+              "when onnxruntime is installed)")
+    flag("--debug", dest="debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def compute_mean_std_parser(add_help=True, doc=None):
+    parser = new_parser("Per-channel mean/std of a dataset's images inside the FOV.", doc, add_help)
+    flag = Flag(parser)
+    flag("--data-path", dest="data_path", default=TUTORIAL["data_path"], metavar="PATH",
+         help="folder that holds DRIVE/, or the folder another dataset's archive unpacks to (as train.py reads it)")
+    flag("--dataset", dest="dataset", default=TUTORIAL["dataset"], choices=dataset_names(),
+         help="file layout of --data-path")
+    flag("--fov", dest="fov", default=TUTORIAL["fov"], choices=FOV_MODES,
+         help="images without a FOV mask: estimate the FOV from the dark border, or use all pixels")
+    flag("--split", dest="split", default="training", choices=("training", "test"), help="which split to measure")
+    flag("--debug", dest="debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def synthetic_parser(add_help=True, doc=None):
+    """``python my_dataset.py`` and ``python -m train_utils.synthetic``: write synthetic data."""
+    parser = new_parser("Write synthetic fundus data in a dataset's file layout.", doc, add_help)
+    flag = Flag(parser)
+    flag("--output-dir", dest="output_dir", default="data/synthetic", metavar="DIR", aliases=("--out",),
+         help="root folder; drive writes DRIVE/ inside it")
+    flag("--dataset", dest="dataset", default="drive", choices=dataset_names(), aliases=("--layout",),
+         help="whose file names, formats and splits")
+    flag("--num-train", dest="num_train", default=20, type=int, metavar="N", help="training images")
+    flag("--num-test", dest="num_test", default=20, type=int, metavar="N", help="test images")
+    flag("--height", dest="height", default=584, type=int, metavar="PX", help="image height, at least 32")
+    flag("--width", dest="width", default=565, type=int, metavar="PX", help="image width, at least 32")
+    flag("--seed", dest="seed", default=0, type=int, help="the same seed writes the same files")
+    flag("--num-classes", dest="num_classes", default=1, type=int, metavar="N",
+         help="folder: 2 adds the optic disc as a second class, in palette labels")
+    flag("--no-masks", dest="masks", action="store_false",
+         help="folder: no masks/ folder, so the FOV is estimated (default: masks written)")
+    return parser
+
+
+def synthetic_main(doc=None):
+    """The synthetic-data writer's command line: the flags are checked before its modules (and torch) load."""
+    args = synthetic_parser(doc=doc).parse_args()
+    from .synthetic import main
+    return run_cli(main, args)
+
+
+def weights_or_default(weights):
+    """``--weights``, or the first of ``DEFAULT_WEIGHTS`` that exists (saying which); one error line if none."""
+    if weights:
+        return weights
+    for path in DEFAULT_WEIGHTS:
+        if os.path.isfile(path):
+            print(f"no --weights given: using '{path}'")
+            return path
+    raise UserError(f"no --weights given, and neither {' nor '.join(DEFAULT_WEIGHTS)} exists: train first "
+                    "(python train.py --demo) or pass --weights PATH")
+
+
+# ---------------------------------------------------------------------------
+# the flag reference of docs/training.md
+
+
+def _table(parser, group):
+    """A Markdown table of one argparse group's flags (older spellings left out): flag, default, help."""
+    formatter = parser._get_formatter()
+    rows = ["| flag | default | what it does |", "| --- | --- | --- |"]
+    for action in group._group_actions:
+        if action.help == argparse.SUPPRESS:
+            continue
+        names = formatter._format_action_invocation(action).split(", ")  # as --help shows them
+        default = TUTORIAL.get(action.dest)
+        help_text = action.help.removesuffix(default_text(default))  # the default has its own column
+        cells = (", ".join(f"`{n}`" for n in names), f"`{shown_default(default)}`" if default_text(default) else "",
+                 help_text.replace("|", "\\|").replace("<", "&lt;"))
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def flag_reference():
+    """The Markdown of docs/training.md's flag reference: train.py's flag groups, then train_multi_GPU.py's own."""
+    parts = ["<!-- generated from the parsers by python -m train_utils.cli --write-flag-reference "
+             "docs/training.md: edit train_utils/cli.py, not this -->"]
+    train, multi_gpu = train_parser(), train_multi_gpu_parser()
+    tables = [(train, group) for group in train._action_groups[2:]]  # after argparse's positionals and options
+    for parser, group in tables + [(multi_gpu, multi_gpu._action_groups[-1])]:
+        title = group.title + (" (train_multi_GPU.py)" if parser is multi_gpu else "")
+        parts += [f"### {title}", _table(parser, group)]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_flag_reference(path):
+    """Replace what lies between the flag-reference markers of ``path`` with ``flag_reference()``."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if REFERENCE_BEGIN not in text or REFERENCE_END not in text:
+        raise UserError(f"'{path}' has no {REFERENCE_BEGIN} ... {REFERENCE_END} section to fill")
+    head, rest = text.split(REFERENCE_BEGIN, 1)
+    tail = rest.split(REFERENCE_END, 1)[1]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{head}{REFERENCE_BEGIN}\n{flag_reference()}{REFERENCE_END}{tail}")
+
+
+if __name__ == "__main__":
+    reference = argparse.ArgumentParser(description="Rewrite the flag reference of a Markdown file from the parsers")
+    reference.add_argument("--write-flag-reference", required=True, metavar="FILE",
+                           help="the file whose flag-reference section to rewrite, e.g. docs/training.md")
+    run_cli(write_flag_reference, reference.parse_args().write_flag_reference)
