@@ -3,7 +3,8 @@ import pytest
 
 import train
 from train_utils.errors import UserError
-from train_utils.settings import (DEMO, DRIVE_MEAN, DRIVE_STD, RECIPES, TUTORIAL, Machine, resolve_settings)
+from train_utils.settings import (DEMO, DRIVE_MEAN, DRIVE_STD, RECIPES, SOURCES, TUTORIAL, Machine,
+                                   resolve_settings)
 from train_utils.synthetic import write_synthetic
 
 CPU = Machine(default_device="cpu", cpu_bf16=False)
@@ -163,6 +164,7 @@ def test_settings_are_read_only_and_printed_with_their_sources(drive_root):
     assert text.startswith("resolved settings:\n")
     assert "lr=0.02 (flag)" in text and "base_size=565 (dataset)" in text and "epochs=200 (default)" in text
     assert "crop_size=480 (derived)" in text
+    assert {s.source(k) for k in s.as_dict()} <= set(SOURCES)
 
 
 @pytest.mark.parametrize("argv,message", [
