@@ -14,7 +14,6 @@ from PIL import Image
 
 from .errors import UserError
 from .metrics import IGNORE_INDEX
-from .settings import FOV_MODES  # noqa: F401 - field_of_view's modes, defined with the settings the parsers offer
 
 # Suffixes Pillow decodes that these datasets use (a trailing .gz is allowed too).
 IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".ppm", ".pgm", ".pbm", ".pnm")
