@@ -50,7 +50,7 @@ def validate(model, data_loader, device, num_classes, *, tta=False, tile_size=0,
     in channels_last unless ``channels_last`` is False; images larger than
     ``tile_size`` are predicted in tiles of a size divisible by ``multiple``
     (``inference.evaluation_log_probs``). With ``tta`` every metric scores the
-    softmax averaged over the image and its two flips (``--eval-tta``).
+    softmax averaged over the image and its two flips (``--tta``).
     Metrics accumulate on the device (no per-image host sync) and are reduced
     across processes once at the end; the AUC sorts every validation pixel, so
     it is computed once. ``per_image`` also scores each image on its own (one

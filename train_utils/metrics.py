@@ -96,7 +96,7 @@ class DiceCoefficient:
             one_hot = F.one_hot(pred.argmax(dim=1), self.num_classes).permute(0, 3, 1, 2).float()
             dice_target = build_target(target, self.num_classes, self.ignore_index)
             per_image = dice_per_item(one_hot[:, 1:], dice_target[:, 1:], self.ignore_index, 1e-6, keep_dims=2)
-            self.cumulative_dice += per_image.mean(dim=1).sum()
+            self.cumulative_dice += per_image.mean(dim=1).double().sum()  # float64: any batch size sums alike
             self.count += pred.shape[0]
 
     @property

@@ -312,7 +312,7 @@ def check_values(v):
     if v.get("std") is not None and min(v["std"]) <= 0:
         raise UserError("--std values must be positive")
     if v["val_split"] < 0 or v["val_tile_size"] < 0:
-        raise UserError("--val-split and --val-tile-size must be >= 0")
+        raise UserError("--val-split and --tile-size must be >= 0")
     if not 0 <= v["rotate"] <= 180:
         raise UserError(f"--rotate must be in [0, 180] degrees (got {v['rotate']})")
     lo, hi = v["scale_range"]
