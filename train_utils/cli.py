@@ -21,6 +21,7 @@ import os
 import src
 
 from .errors import UserError, run_cli
+from .files import atomic_write
 from .settings import CROP_SIZE, DEMO, FOV_MODES, RECIPES, TUTORIAL, Flag, default_text, shown_default
 
 # export.py's formats (and the suffix predict.py recognises each by) and its ONNX opset.
@@ -360,8 +361,12 @@ def write_flag_reference(path):
         raise UserError(f"'{path}' has no {REFERENCE_BEGIN} ... {REFERENCE_END} section to fill")
     head, rest = text.split(REFERENCE_BEGIN, 1)
     tail = rest.split(REFERENCE_END, 1)[1]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(f"{head}{REFERENCE_BEGIN}\n{flag_reference()}{REFERENCE_END}{tail}")
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(f"{head}{REFERENCE_BEGIN}\n{flag_reference()}{REFERENCE_END}{tail}")
+
+    atomic_write(path, write, suffix=".md")  # the docs page whole or not at all
 
 
 if __name__ == "__main__":
