@@ -41,12 +41,13 @@ if __name__ == "__main__":  # the synthetic-data writer: its flags are checked b
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from train_utils.errors import UserError
-from train_utils.imaging import files_by_stem, image_size, is_image_name, list_files, load_sample, stem_of
+from train_utils.imaging import (files_by_stem, fov_scale, image_size, is_image_name, list_files, load_sample,
+                                 stem_of)
 from train_utils.metrics import IGNORE_INDEX
-from train_utils.transforms import BASE_SIZE, DRIVE_MEAN, DRIVE_STD
+from train_utils.transforms import BASE_SIZE, DRIVE_MEAN, DRIVE_STD, rescale
 
 # Standard splits of the datasets that ship without one.
 CHASE_TRAIN_LAST = 10  # Image_01..10 (both eyes) train, 11..14 test
@@ -254,9 +255,18 @@ class VesselDataset(Dataset):
     TIFF or JPEG costs more than the whole augmentation, the FOV of a mask-less
     photograph is estimated once, and a broken file is reported before
     training starts. Augmentation still runs per sample.
+
+
+    With ``fov_diameter`` D (``--fov-diameter``), every photograph is resized
+    so that its FOV is D pixels across (``imaging.fov_diameter``), the scale
+    the model sees whatever the camera. For training the target is resized
+    with it; validation (``resize_target=False``) keeps the label at the
+    photograph's own size, where the prediction is scored after it is resized
+    back.
     """
 
-    def __init__(self, samples, transforms=None, cache=True, num_classes=1, fov="estimate"):
+    def __init__(self, samples, transforms=None, cache=True, num_classes=1, fov="estimate", fov_diameter=0,
+                 resize_target=True):
         super().__init__()
         self.samples = list(samples)
         self.img_list = [s.image for s in self.samples]
@@ -264,14 +274,21 @@ class VesselDataset(Dataset):
         self.roi_mask = [s.mask for s in self.samples]
         self.num_classes = num_classes
         self.fov = fov
+        self.fov_diameter = fov_diameter
+        self.resize_target = resize_target
         self.transforms = transforms
         self._cache = [self._load(i) for i in range(len(self.samples))] if cache else None
 
     def _load(self, idx):
-        """(image uint8 [3, H, W], target uint8 [H, W]) of sample ``idx``."""
+        """(image uint8 [3, H, W], target uint8 [H, W]) of sample ``idx``, rescaled for ``fov_diameter``."""
         s = self.samples[idx]
         img, target = load_sample(s.image, s.label, s.mask, self.num_classes, self.fov)
-        return torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.from_numpy(target)
+        img, target = torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.from_numpy(target)
+        if self.fov_diameter:
+            scale = fov_scale(target.numpy() != IGNORE_INDEX, self.fov_diameter)
+            img, resized = rescale(img, scale, target if self.resize_target else None)
+            target = resized if self.resize_target else target
+        return img, target
 
     def __len__(self):
         return len(self.samples)
@@ -281,12 +298,6 @@ class VesselDataset(Dataset):
         if self.transforms is not None:
             img, target = self.transforms(img, target)
         return img, target
-
-    def image_sizes(self):
-        """(height, width) of every image."""
-        if self._cache is not None:
-            return [tuple(img.shape[1:]) for img, _ in self._cache]
-        return [image_size(p)[::-1] for p in self.img_list]
 
     @staticmethod
     def collate_fn(batch):
@@ -348,3 +359,43 @@ class RepeatDataset(Dataset):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
+
+
+class BalancedSampler(Sampler):
+    """Indices into a ``ConcatDataset`` of several datasets, each drawn equally often.
+
+    An epoch has as many samples as all the datasets together, an equal share
+    from each: a dataset of 6 images then counts as much as one of 20. Each
+    dataset's share runs through random permutations of its items, so within
+    an epoch no item repeats before all of its dataset's have come. The order
+    depends on ``seed`` and the epoch (``set_epoch``), the same on every process;
+    under DDP each of ``world_size`` processes takes every ``world_size``-th index.
+    """
+
+    def __init__(self, sizes, seed=None, rank=0, world_size=1):
+        self.sizes = list(sizes)
+        self.seed = int(torch.randint(2 ** 31, ())) if seed is None else seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return sum(self.sizes) // self.world_size
+
+    def shares(self):
+        """How many samples each dataset gives an epoch: equal, the remainder to the first ones."""
+        total, n = sum(self.sizes), len(self.sizes)
+        return [total // n + (i < total % n) for i in range(n)]
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed * 100003 + self.epoch)
+        drawn, offset = [], 0
+        for size, share in zip(self.sizes, self.shares()):
+            laps = -(-share // size)
+            drawn.append(torch.cat([torch.randperm(size, generator=g) for _ in range(laps)])[:share] + offset)
+            offset += size
+        order = torch.cat(drawn)[torch.randperm(sum(self.sizes), generator=g)]
+        return iter(order[self.rank:len(self) * self.world_size:self.world_size].tolist())

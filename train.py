@@ -18,6 +18,7 @@ import math
 import os
 import random
 import time
+from typing import NamedTuple
 
 from train_utils.allocator import use_fast_allocator
 from train_utils.cli import parse_args, train_parser as get_args_parser
@@ -30,21 +31,20 @@ if __name__ == "__main__":
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import ConcatDataset, DataLoader, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
 import src
-from my_dataset import DATASETS, RepeatDataset, VesselDataset, dataset_files, holdout
+from my_dataset import DATASETS, BalancedSampler, RepeatDataset, VesselDataset, dataset_files, holdout
 from train_utils import distributed_utils as utils
 from train_utils.checkpoint import load_checkpoint, resume, safe_load, save_epoch
 from train_utils.errors import UserError, run_cli
-from train_utils.evaluation import validate, write_test_metrics
+from train_utils.evaluation import DatasetResults, validate, write_test_metrics
 from train_utils.files import ensure_writable_folder
 from train_utils.imaging import image_size
-from train_utils.metrics import format_metrics
 from train_utils.pictures import TrainingPictures
 from train_utils.precision import cpu_has_native_bf16
-from train_utils.settings import DEMO_DATA, Machine, resolve_settings
+from train_utils.settings import DEMO_DATA, Machine, per_dataset, resolve_settings
 from train_utils.synthetic import ensure_synthetic_drive
 from train_utils.train_and_eval import build_optimizer, create_lr_scheduler, train_one_epoch
 from train_utils.transforms import get_transform
@@ -54,46 +54,84 @@ def detect_machine():
     return Machine(default_device="cuda" if torch.cuda.is_available() else "cpu", cpu_bf16=cpu_has_native_bf16())
 
 
+class Source(NamedTuple):
+    """One dataset of the run: its registry name, its folder and how many training images it holds out."""
+    name: str
+    path: str
+    val_split: int
+
+
+def dataset_sources(values):
+    """The run's datasets: ``--dataset a b --data-path A B`` (``--val-split`` once, or once per dataset)."""
+    names, paths, splits = (per_dataset(values[k]) for k in ("dataset", "data_path", "val_split"))
+    if len(paths) != len(names):
+        raise UserError(f"--data-path needs one folder per --dataset: got {len(names)} dataset(s) and "
+                        f"{len(paths)} folder(s)")
+    if len(splits) == 1:
+        splits = splits * len(names)
+    elif len(splits) != len(names):
+        raise UserError(f"--val-split takes one N, or one per dataset ({len(names)}); got {len(splits)}")
+    if len(set(zip(names, paths))) < len(names):
+        raise UserError("--dataset/--data-path names the same dataset twice")
+    return [Source(*source) for source in zip(names, paths, splits)]
+
+
 def dataset_facts(values):
-    """The dataset's settings (its registry entry and its training images): mean/std, FOV masks,
-    the random resize's base size and the held-out validation images (``--val-split``/``--val-images``)."""
-    spec = DATASETS[values["dataset"]]
-    facts = {} if values["pretrained_backbone"] else {"mean": spec.mean, "std": spec.std}
-    if spec.fov_masks:
+    """The datasets' settings (their registry entries and training images): mean/std, FOV masks, the random
+    resize's base size and the held-out validation images (``--val-split``/``--val-images``).
+
+    Several datasets share one normalisation, the mean of theirs, and each keeps its own base size (a
+    tuple); with ``--fov-diameter`` every photograph is brought to that scale, and it is the base size.
+    """
+    sources = dataset_sources(values)
+    specs = [DATASETS[source.name] for source in sources]
+    facts = {}
+    if not values["pretrained_backbone"]:
+        facts["mean"], facts["std"] = (specs[0].mean, specs[0].std) if len(specs) == 1 else (
+            tuple(float(np.mean(c)) for c in zip(*(sp.mean for sp in specs))),
+            tuple(float(np.mean(c)) for c in zip(*(sp.std for sp in specs))))
+    if all(sp.fov_masks for sp in specs):
         facts["fov"] = "masks"
     if values["test_only"]:
         return facts
-    facts["base_size"] = spec.base_size
-    if spec.base_size is None or values["val_split"] or values["val_images"]:
-        train, names = split_training_images(values)
-        if names:
-            facts["val_images"] = names
-        if spec.base_size is None:  # the median shorter side of the images it trains on
-            facts["base_size"] = int(np.median([min(image_size(s.image)) for s in train]))
+    bases, held = [], []
+    for source, spec in zip(sources, specs):
+        base = spec.base_size
+        if base is None or source.val_split or values["val_images"]:
+            train, names = split_training_images(source, values)
+            held += names or []
+            if base is None:  # the median shorter side of the images it trains on
+                base = int(np.median([min(image_size(s.image)) for s in train]))
+        bases.append(base)
+    unknown = [n for n in values["val_images"] or () if n not in held]
+    if unknown:
+        raise UserError(f"--val-images: {', '.join(unknown)} not among the training images of "
+                        f"{', '.join(repr(s.path) for s in sources)}")
+    if held:
+        facts["val_images"] = held
+    facts["base_size"] = values["fov_diameter"] or (bases[0] if len(bases) == 1 else tuple(bases))
     return facts
 
 
-def split_training_images(values):
-    """(training samples, names of the held-out validation images or None) of the dataset in ``values``:
+def split_training_images(source, values):
+    """(training samples, names of the held-out validation images or None) of one dataset of the run:
     ``--val-split``'s seeded choice, or the images ``--val-images`` (or the checkpoint) names."""
     if values["demo"]:
-        ensure_synthetic_drive(values["data_path"], **DEMO_DATA)
-    train = dataset_files(values["dataset"], values["data_path"], "training")
+        ensure_synthetic_drive(source.path, **DEMO_DATA)
+    train = dataset_files(source.name, source.path, "training")
     if not train:
-        raise UserError(f"the {values['dataset']} dataset in '{values['data_path']}' has no training images")
-    names, wanted = [os.path.basename(t.image) for t in train], values["val_images"]
-    if values["val_split"]:
-        held = [names[i] for i in holdout(len(train), values["val_split"], values["val_seed"])]
+        raise UserError(f"the {source.name} dataset in '{source.path}' has no training images")
+    names = [os.path.basename(t.image) for t in train]
+    wanted = [n for n in values["val_images"] or () if n in names]  # this dataset's (dataset_facts: the rest)
+    if source.val_split:
+        held = [names[i] for i in holdout(len(train), source.val_split, values["val_seed"])]
         if wanted and wanted != held:  # resumed: the same images or nothing
-            raise UserError(f"--val-split {values['val_split']} picks {', '.join(held)}, but the run validated "
+            raise UserError(f"--val-split {source.val_split} picks {', '.join(held)}, but the run validated "
                             f"on {', '.join(wanted)} (the checkpoint, or --val-images): the training images "
                             "changed, or give only one of --val-split and --val-images")
     elif wanted:
-        missing = [n for n in wanted if n not in names]
-        if missing or len(set(wanted)) >= len(names):
-            raise UserError(f"--val-images: {', '.join(missing)} not among the training images of "
-                            f"'{values['data_path']}'" if missing else
-                            "--val-images must leave at least one training image")
+        if len(set(wanted)) >= len(names):
+            raise UserError("--val-images must leave at least one training image")
         held = [n for n in names if n in wanted]  # in the dataset's order
     else:
         return train, None
@@ -101,73 +139,91 @@ def split_training_images(values):
 
 
 def build_datasets(s):
-    """(training dataset or None under --test-only, validation dataset).
+    """([(dataset name, training dataset)], empty under --test-only; [(dataset name, validation dataset)]).
 
-    Validation is the test split (the tutorial's protocol) or the held-out
-    training images of ``s.val_images`` (``--val-split N``, ``--val-images``).
+    Validation is each dataset's test split (the tutorial's protocol) or its
+    held-out training images of ``s.val_images`` (``--val-split N``,
+    ``--val-images``). Validation images keep their own size: with
+    ``--fov-diameter`` only the photograph is rescaled, and the prediction is
+    scored at the label's size.
     """
+    sources = dataset_sources(s.as_dict())
     eval_tf = get_transform(False, s.mean, s.std)
-    kw = dict(num_classes=s.num_classes, fov=s.fov)
-    where = f"the {s.dataset} dataset in '{s.data_path}'"
-    if s.test_only:
-        test = dataset_files(s.dataset, s.data_path, "test")
-        if not test:
-            raise UserError(f"{where} has no test images to evaluate")
-        return None, VesselDataset(test, eval_tf, **kw)
-    train = dataset_files(s.dataset, s.data_path, "training")
-    if not train:
-        raise UserError(f"{where} has no training images")
-    if s.val_images:
-        val = [t for t in train if os.path.basename(t.image) in s.val_images]
-        train = [t for t in train if os.path.basename(t.image) not in s.val_images]
-        print(f"validation: {len(val)} held-out training images ({', '.join(s.val_images)}); "
-              f"the test split is left for --test-only")
-    else:
-        val = dataset_files(s.dataset, s.data_path, "test")
-        if not val:
-            raise UserError(f"{where} has no test images to validate on; hold out training images with "
-                            "--val-split N")
-    train_tf = get_transform(True, s.mean, s.std, base_size=s.base_size, crop_size=s.crop_size, rotate=s.rotate,
-                             color_jitter=s.color_jitter, scale_range=s.scale_range)
-    lo, hi = s.scale_range
-    print(f"training images: random resize of the shorter side to [{lo:g}, {hi:g}] x {s.base_size}, "
-          f"crop {s.crop_size}")
-    return VesselDataset(train, train_tf, **kw), VesselDataset(val, eval_tf, **kw)
+    kw = dict(num_classes=s.num_classes, fov=s.fov, fov_diameter=s.fov_diameter)
+    bases = per_dataset(s.base_size) if isinstance(s.base_size, (list, tuple)) else [s.base_size] * len(sources)
+    train_parts, val_parts = [], []
+    for source, base in zip(sources, bases):
+        where = f"the {source.name} dataset in '{source.path}'"
+        say = print if len(sources) == 1 else (lambda line, n=source.name: print(f"{n}: {line}"))
+        if s.test_only:
+            test = dataset_files(source.name, source.path, "test")
+            if not test:
+                raise UserError(f"{where} has no test images to evaluate")
+            val_parts.append((source.name, VesselDataset(test, eval_tf, resize_target=False, **kw)))
+            continue
+        train = dataset_files(source.name, source.path, "training")
+        if not train:
+            raise UserError(f"{where} has no training images")
+        held_names = [os.path.basename(t.image) for t in train if os.path.basename(t.image) in (s.val_images or ())]
+        if held_names:
+            val = [t for t in train if os.path.basename(t.image) in held_names]
+            train = [t for t in train if os.path.basename(t.image) not in held_names]
+            say(f"validation: {len(val)} held-out training images ({', '.join(held_names)}); "
+                f"the test split is left for --test-only")
+        else:
+            val = dataset_files(source.name, source.path, "test")
+            if not val:
+                raise UserError(f"{where} has no test images to validate on; hold out training images with "
+                                "--val-split N")
+        train_tf = get_transform(True, s.mean, s.std, base_size=base, crop_size=s.crop_size, rotate=s.rotate,
+                                 color_jitter=s.color_jitter, scale_range=s.scale_range)
+        lo, hi = s.scale_range
+        say(f"training images: random resize of the shorter side to [{lo:g}, {hi:g}] x {base}, crop {s.crop_size}"
+            + (f", photographs rescaled to a FOV {s.fov_diameter} px across" if s.fov_diameter else ""))
+        train_parts.append((source.name, VesselDataset(train, train_tf, **kw)))
+        val_parts.append((source.name, VesselDataset(val, eval_tf, resize_target=False, **kw)))
+    return train_parts, val_parts
 
 
 def build_data_loaders(s, proc, device):
-    """(train loader or None under --test-only, validation loader), after writing the demo's sample and
-    preparing the output folder. Under DDP the training set is shuffled per epoch by a DistributedSampler
-    and every validation image goes to exactly one process."""
+    """(train loader or None under --test-only, [(dataset name, validation loader)]), after writing the
+    demo's sample and preparing the output folder. Under DDP the training set is shuffled per epoch by a
+    DistributedSampler and every validation image goes to exactly one process. Several datasets are
+    drawn equally often (``BalancedSampler``), however many images each has."""
     if s.demo and utils.is_main_process():
         ensure_synthetic_drive(s.data_path, **DEMO_DATA)
     if proc.distributed:
         torch.distributed.barrier()
     if utils.is_main_process():
         prepare_output_dir(s.output_dir)  # --test-only too: test_metrics.csv goes there
-    train_dataset, val_dataset = build_datasets(s)
+    train_parts, val_parts = build_datasets(s)
     pin = device.type == "cuda"
-    val_sampler = utils.ShardedEvalSampler(val_dataset) if proc.distributed else SequentialSampler(val_dataset)
     # Every pass over a DataLoader draws a seed for its workers from the loader's generator, or from the global
     # RNG when it has none: a private one keeps validation out of training's random stream, so how often a run
     # validates (--eval-every) does not change the model it trains.
-    val_loader = DataLoader(val_dataset, batch_size=1, sampler=val_sampler, num_workers=min(s.workers, 2),
-                            pin_memory=pin, collate_fn=VesselDataset.collate_fn, generator=torch.Generator())
-    if train_dataset is None:
-        return None, val_loader
-    if s.crops_per_image > 1:
-        train_dataset = RepeatDataset(train_dataset, s.crops_per_image)
+    val_loaders = [(name, DataLoader(ds, batch_size=1, num_workers=min(s.workers, 2), pin_memory=pin,
+                                     sampler=utils.ShardedEvalSampler(ds) if proc.distributed else SequentialSampler(ds),
+                                     collate_fn=VesselDataset.collate_fn, generator=torch.Generator()))
+                   for name, ds in val_parts]
+    if not train_parts:
+        return None, val_loaders
+    parts = [RepeatDataset(ds, s.crops_per_image) if s.crops_per_image > 1 else ds for _, ds in train_parts]
+    train_dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     if s.batch_size > len(train_dataset) // proc.world_size:
         samples = "training images" if s.crops_per_image == 1 else f"crops ({s.crops_per_image} per image)"
         raise UserError(f"--batch-size {s.batch_size} is larger than the {len(train_dataset)} {samples}"
                         + (f" split over {proc.world_size} processes" if proc.distributed else ""))
-    if proc.distributed:
+    if len(parts) > 1:
+        train_sampler = BalancedSampler([len(p) for p in parts], seed=s.seed, rank=proc.rank,
+                                        world_size=proc.world_size)
+        print("training draws equally from " + ", ".join(f"{name} ({len(ds)} images)" for name, ds in train_parts))
+    elif proc.distributed:
         train_sampler = DistributedSampler(train_dataset, shuffle=True, seed=s.seed or 0)
     else:
         train_sampler = RandomSampler(train_dataset)
     train_loader = DataLoader(train_dataset, batch_size=s.batch_size, sampler=train_sampler,
                               num_workers=s.workers, pin_memory=pin, collate_fn=VesselDataset.collate_fn)
-    return train_loader, val_loader
+    return train_loader, val_loaders
 
 
 def create_model(num_classes, base_c=32, model="unet", pretrained_backbone=""):
@@ -203,12 +259,12 @@ def main(args):
                                 multiple=src.model_spec(s.model).size_multiple, debug=s.debug)
 
     # 1. Data
-    train_loader, val_loader = build_data_loaders(s, proc, device)
+    train_loader, val_loaders = build_data_loaders(s, proc, device)
 
     # 2. Model (a resumed run takes its weights from the checkpoint: no backbone file needed)
     model = create_model(num_classes, s.base_c, s.model, "" if checkpoint else s.pretrained_backbone).to(device)
     if s.test_only:
-        return evaluate_checkpoint(s, model, checkpoint, val_loader, device)
+        return evaluate_checkpoint(s, model, checkpoint, val_loaders, device)
 
     # 3. Optimiser, schedule and precision (DDP and/or torch.compile wrap the same module for training)
     amp_dtype = getattr(torch, s.amp_dtype) if s.amp else None
@@ -227,7 +283,7 @@ def main(args):
     log = EpochLog(s.output_dir, utils.is_main_process(), start_epoch, last_epoch, s.epochs)
     with pictures:  # closes the TensorBoard log when training ends
         for epoch in range(start_epoch, last_epoch):
-            if proc.distributed:
+            if hasattr(train_loader.sampler, "set_epoch"):  # DDP's sampler, BalancedSampler
                 train_loader.sampler.set_epoch(epoch)
             epoch_start = time.time()
             mean_loss, lr = train_one_epoch(train_model, optimizer, train_loader, device, epoch, lr_scheduler,
@@ -236,7 +292,7 @@ def main(args):
             utils.broadcast_buffers(model)  # every process validates and saves rank 0's BatchNorm statistics
             result = record = None  # --eval-every N: the last epoch is always validated
             if (epoch + 1) % s.eval_every == 0 or epoch == last_epoch - 1:
-                result = validate_and_print(s, model, val_loader, device, num_classes)
+                result = validate_and_print(s, model, val_loaders, device, num_classes)
                 record = log.write(epoch, mean_loss, lr, result, epoch_start)
             is_best = result is not None and result.dice > best_dice
             best_dice = max(best_dice, result.dice) if is_best else best_dice
@@ -244,7 +300,7 @@ def main(args):
             if record is not None:
                 pictures.after_epoch(record)
             if is_best:
-                pictures.after_best(epoch, model, val_loader.dataset, device)
+                pictures.after_best(epoch, model, val_loaders[0][1].dataset, device)
     print(f"training time {datetime.timedelta(seconds=int(time.time() - log.start))}; "
           f"best dice coefficient: {best_dice:.3f}")
     if proc.distributed:
@@ -309,23 +365,31 @@ def prepare_training(s, model, proc, device, steps_per_epoch, amp_dtype):
     return (torch.compile(model) if s.compile else model), optimizer, lr_scheduler, scaler
 
 
-def validate_and_print(s, model, val_loader, device, num_classes, per_image=False):
+def validate_and_print(s, model, val_loaders, device, num_classes, per_image=False):
     """Validation as the settings ask for it (float32, BatchNorm folded, flips, tiles), printed as the
-    tutorial's block, ``dice coefficient: x`` and the vessel metrics."""
-    result = validate(model, val_loader, device, num_classes, tta=s.eval_tta, tile_size=s.val_tile_size,
-                      multiple=src.model_spec(s.model).size_multiple, channels_last=s.eval_channels_last,
-                      per_image=per_image)
-    result.report()
+    tutorial's block, ``dice coefficient: x`` and the vessel metrics: once, or per dataset and their mean."""
+    results = []
+    for name, loader in val_loaders:
+        if len(val_loaders) > 1:
+            print(f"dataset {name}:")
+        results.append((name, validate(model, loader, device, num_classes, tta=s.eval_tta, tile_size=s.val_tile_size,
+                                       multiple=src.model_spec(s.model).size_multiple,
+                                       channels_last=s.eval_channels_last, per_image=per_image)))
+        results[-1][1].report()
+    if len(results) == 1:
+        return results[0][1]
+    result = DatasetResults(results)
+    print(result.summary_line())
     return result
 
 
-def evaluate_checkpoint(s, model, checkpoint, val_loader, device):
-    """``--test-only``: the checkpoint's weights on the test split, printed and written to test_metrics.csv."""
+def evaluate_checkpoint(s, model, checkpoint, val_loaders, device):
+    """``--test-only``: the checkpoint's weights on the test split(s), printed and written to test_metrics.csv."""
     resume(checkpoint, s.resume, model)
     print(f"loaded '{s.resume}' (epoch {checkpoint.get('epoch', '?')})")
-    result = validate_and_print(s, model, val_loader, device, s.num_classes + 1, per_image=True)
+    result = validate_and_print(s, model, val_loaders, device, s.num_classes + 1, per_image=True)
     if utils.is_main_process():
-        print(f"per-image metrics: '{write_test_metrics(s.output_dir, result)}'")
+        print(f"per-image metrics: '{write_test_metrics(s.output_dir, result, dataset=val_loaders[0][0])}'")
 
 
 class EpochLog:
@@ -352,11 +416,9 @@ class EpochLog:
             return None
         now = time.time()
         with open(self.results_file, "a") as f:
-            f.write(f"[epoch: {epoch}]\ntrain_loss: {mean_loss:.4f}\nlr: {lr:.6f}\n"
-                    f"dice coefficient: {result.dice:.3f}\n{result.confmat}\n{format_metrics(result.vessel)}\n\n")
-        record = {"epoch": epoch, "train_loss": mean_loss, "lr": lr, "dice": result.dice,
-                  **result.confmat.summary(), **result.vessel, "epoch_time": now - epoch_start,
-                  "elapsed": now - self.start}
+            f.write(f"[epoch: {epoch}]\ntrain_loss: {mean_loss:.4f}\nlr: {lr:.6f}\n{result.text()}\n")
+        record = {"epoch": epoch, "train_loss": mean_loss, "lr": lr, **result.record(),
+                  "epoch_time": now - epoch_start, "elapsed": now - self.start}
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         print(self.progress(epoch, now - self.start), flush=True)

@@ -87,12 +87,14 @@ def train_parser(add_help=True, doc=None):
 
 
 def _data_flags(data):
-    data("--data-path", dest="data_path", metavar="PATH", help="drive: the folder that holds DRIVE/; other "
-         "datasets: the folder their archive unpacks to (see my_dataset.py)")
-    data("--dataset", dest="dataset", choices=dataset_names(), help="file layout and split of --data-path")
-    data("--val-split", dest="val_split", type=int, metavar="N",
+    data("--data-path", dest="data_path", metavar="PATH", nargs="+", help="drive: the folder that holds DRIVE/; "
+         "other datasets: the folder their archive unpacks to (see my_dataset.py); one per --dataset")
+    data("--dataset", dest="dataset", choices=dataset_names(), nargs="+", metavar="NAME",
+         help=f"file layout and split of --data-path ({', '.join(dataset_names())}); several train one model "
+              "on all of them, each drawn equally often")
+    data("--val-split", dest="val_split", type=int, metavar="N", nargs="+",
          help="validate (and pick best_model.pth) on N held-out training images instead of the test split, "
-              "which only --test-only then reads")
+              "which only --test-only then reads; with several datasets N of each, or one N per dataset")
     data("--val-seed", dest="val_seed", type=int, metavar="N", help="seed of --val-split's choice of images")
     data("--val-images", dest="val_images", nargs="+", metavar="NAME",
          help="validate on these training images (file names), instead of --val-split's seeded choice")
@@ -100,6 +102,9 @@ def _data_flags(data):
          "from the dark border as predict.py does, or count all pixels")
     data("--num-classes", dest="num_classes", type=int, metavar="N",
          help="foreground classes (background excluded)")
+    data("--fov-diameter", dest="fov_diameter", type=int, metavar="PX",
+         help="resize every photograph so that its field of view is PX pixels across (training, validation "
+              "and predict.py; scores and masks stay at the photograph's size); 0: each at its own size")
     data("--base-size", dest="base_size", type=int, metavar="PX", help="random resize of the shorter side to "
          "--scale-range x this (default: the dataset's; drive 565, else the median shorter side of the training "
          "images)")

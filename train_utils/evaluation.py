@@ -38,6 +38,44 @@ class ValidationResult:
         print(f"dice coefficient: {self.dice:.3f}")
         print(format_metrics(self.vessel))
 
+    def text(self):
+        """The epoch's block in the results file: ``dice coefficient: x``, the confusion matrix, the metrics."""
+        return f"dice coefficient: {self.dice:.3f}\n{self.confmat}\n{format_metrics(self.vessel)}\n"
+
+    def record(self):
+        """The numbers as plain data, for log.jsonl."""
+        return {"dice": self.dice, **self.confmat.summary(), **self.vessel}
+
+
+class DatasetResults:
+    """The validation of a model trained on several datasets: each dataset's ``ValidationResult`` (a list of
+    (name, result)), and their mean, which picks ``best_model.pth``: every dataset counts the same,
+    however many images it has."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.dice = sum(r.dice for _, r in self.parts) / len(self.parts)
+
+    def summary_line(self):
+        return (f"mean dice coefficient over the {len(self.parts)} datasets "
+                f"({', '.join(name for name, _ in self.parts)}): {self.dice:.3f}")
+
+    def text(self):
+        blocks = [f"dataset {name}:\n{r.text()}" for name, r in self.parts]
+        return "".join(blocks) + self.summary_line() + "\n"
+
+    def record(self):
+        """The mean over datasets of every number (lists element by element), and each dataset's own."""
+        records = [r.record() for _, r in self.parts]
+        mean = {k: _mean([rec[k] for rec in records]) for k in records[0]}
+        return {**mean, "dice": self.dice, "datasets": {name: rec for (name, _), rec in zip(self.parts, records)}}
+
+
+def _mean(values):
+    if isinstance(values[0], list):
+        return [_mean(list(column)) for column in zip(*values)]
+    return sum(values) / len(values)
+
 
 @torch.no_grad()
 def validate(model, data_loader, device, num_classes, *, tta=False, tile_size=0, multiple=16,
@@ -66,7 +104,8 @@ def validate(model, data_loader, device, num_classes, *, tta=False, tile_size=0,
     metric_logger = utils.MetricLogger(delimiter="  ")
     for image, target in metric_logger.log_every(data_loader, 100, "Test:"):
         image, target = to_device(image, target, device, channels_last)
-        log_probs = evaluation_log_probs(eval_model, image, tile_size, multiple=multiple, channels_last=channels_last)
+        log_probs = evaluation_log_probs(eval_model, image, tile_size, multiple=multiple, channels_last=channels_last,
+                                         size=target.shape[-2:])
         confmat.update(target.flatten(), log_probs.argmax(1).flatten())
         dice.update(log_probs, target)
         vessel.update(log_probs, target)
@@ -109,19 +148,22 @@ def _gather_image_rows(data_loader, rows):
     return [(os.path.basename(names[i]), row) for i, row in sorted(pairs, key=lambda p: p[0])]
 
 
-def write_test_metrics(output_dir, result):
-    """``test_metrics.csv`` of a ``validate(..., per_image=True)`` result: a row per image (its dice and vessel
-    metrics), then ``pooled``: the printed values. Returns its path."""
-    if result.rows is None:
+def write_test_metrics(output_dir, result, dataset=""):
+    """``test_metrics.csv`` of a ``validate(..., per_image=True)`` result (of ``dataset``) or of a
+    ``DatasetResults``: per dataset a row per image (its dice and vessel metrics), then ``pooled``, the
+    printed values. Returns its path."""
+    parts = result.parts if isinstance(result, DatasetResults) else [(dataset, result)]
+    if any(r.rows is None for _, r in parts):
         raise ValueError("write_test_metrics needs the per-image rows: validate(..., per_image=True)")
     path = os.path.join(output_dir, TEST_METRICS_FILE)
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(("image",) + TEST_METRICS_COLUMNS)
-            for name, row in result.rows + [("pooled", {"dice": result.dice, **result.vessel})]:
-                w.writerow([name] + [f"{row[k]:.6f}" for k in TEST_METRICS_COLUMNS])
+            w.writerow(("dataset", "image") + TEST_METRICS_COLUMNS)
+            for name, r in parts:
+                for image, row in r.rows + [("pooled", {"dice": r.dice, **r.vessel})]:
+                    w.writerow([name, image] + [f"{row[k]:.6f}" for k in TEST_METRICS_COLUMNS])
 
     atomic_write(path, write)
     return path

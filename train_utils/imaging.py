@@ -295,3 +295,38 @@ def load_sample(img_path, label_path, mask_path, num_classes=1, fov="estimate"):
     label = read_label(label_path, img_path, img.shape[:2], num_classes)
     inside = field_of_view(img, mask_path, img_path, fov)
     return img, np.where(inside, label, IGNORE_INDEX).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------
+# the FOV's diameter: the scale of a photograph (--fov-diameter)
+
+
+def fov_diameter(inside: np.ndarray) -> float:
+    """The diameter in pixels of the circular field of view ``inside`` (``[H, W]`` bool), clipped or not.
+
+    Vessel widths in pixels grow with the FOV's diameter, so it measures a
+    photograph's scale whatever its camera. Many photographs cut the circle at
+    the top and bottom (STARE's also at the sides), so neither the widest row
+    nor the area gives the diameter: a circle is fitted (least squares, Kasa's
+    algebraic fit) to the FOV's edge pixels that do not lie on the image's
+    border. Without such an edge (every pixel inside) it is the image's width.
+    """
+    inside = np.asarray(inside, dtype=bool)
+    h, w = inside.shape
+    edge = np.zeros_like(inside)
+    core = inside[1:-1, 1:-1]
+    edge[1:-1, 1:-1] = core & ~(inside[:-2, 1:-1] & inside[2:, 1:-1] & inside[1:-1, :-2] & inside[1:-1, 2:])
+    ys, xs = np.nonzero(edge)
+    if len(xs) < 16 or not inside.any():
+        return float(w)
+    x, y = xs.astype(np.float64) + 0.5, ys.astype(np.float64) + 0.5
+    # x^2 + y^2 + D x + E y + F = 0 in least squares: centre (-D/2, -E/2), radius^2 = (D^2 + E^2) / 4 - F
+    a = np.stack([x, y, np.ones_like(x)], axis=1)
+    (d, e, f), *_ = np.linalg.lstsq(a, -(x * x + y * y), rcond=None)
+    r2 = (d * d + e * e) / 4 - f
+    return 2 * math.sqrt(r2) if r2 > 0 else float(w)
+
+
+def fov_scale(inside: np.ndarray, diameter: float) -> float:
+    """The resize factor that gives the FOV ``inside`` the diameter ``diameter`` (0: none, 1.0)."""
+    return diameter / fov_diameter(inside) if diameter else 1.0

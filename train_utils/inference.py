@@ -168,7 +168,17 @@ def predict_probabilities(model, images: torch.Tensor, mean, std, tile_size=1024
     return acc, len(windows)
 
 
-def evaluation_log_probs(model, images, tile_size=0, tile_overlap=128, multiple=16, channels_last=False):
+def probabilities_at(probs: torch.Tensor, size) -> torch.Tensor:
+    """Class probabilities ``[N, C, h, w]`` resized (bilinearly) to ``size`` = (H, W): a prediction made on a
+    photograph rescaled for ``--fov-diameter``, back at the photograph's own size, where it is scored and
+    written. Bilinear weights sum to 1, so the result is still a distribution per pixel."""
+    if tuple(probs.shape[-2:]) == tuple(size):
+        return probs
+    return nn.functional.interpolate(probs, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def evaluation_log_probs(model, images, tile_size=0, tile_overlap=128, multiple=16, channels_last=False,
+                         size=None):
     """What validation scores for a normalised batch ``[N, 3, H, W]``: float32 log-probabilities, up to a
     constant per pixel, so their argmax is the predicted class and their softmax its probabilities.
 
@@ -178,12 +188,18 @@ def evaluation_log_probs(model, images, tile_size=0, tile_overlap=128, multiple=
     ``FlipAverage`` the log of its averaged probabilities. Images larger than
     ``tile_size`` (HRF's 3504 x 2336) go through the tiled inference of
     predict.py, so memory stays bounded and the evaluated mask is predict.py's:
-    the log of the blended probabilities.
+    the log of the blended probabilities. With ``size`` (the label's, when the
+    images were rescaled for ``--fov-diameter``) the probabilities are resized
+    to it first (``probabilities_at``).
     """
     h, w = images.shape[-2:]
+    tiny = torch.finfo(torch.float32).tiny
     if tile_size <= 0 or len(tile_grid(h, w, tile_size, tile_overlap, multiple)[0]) == 1:
-        return model(images)["out"].float()
+        out = model(images)["out"].float()
+        if size is None or tuple(size) == (h, w):
+            return out
+        return probabilities_at(out.softmax(1), size).clamp_min(tiny).log()
     probs, _ = predict_probabilities(model, images, None, None, tile_size, tile_overlap, batch_size=1,
                                      multiple=multiple, channels_last=channels_last)
-    return probs.clamp_min(torch.finfo(torch.float32).tiny).log()  # not in place: an inference-mode tensor
+    return probabilities_at(probs, size or (h, w)).clamp_min(tiny).log()  # not in place: inference-mode tensor
 

@@ -180,7 +180,7 @@ def predict_preview(model, dataset, index=0, device=None, tile_size=0, multiple=
     image, target = dataset[index]
     device = device or next(model.parameters()).device
     net = inference_model(model, channels_last=False)
-    logits = evaluation_log_probs(net, image[None].to(device), tile_size, multiple=multiple)
+    logits = evaluation_log_probs(net, image[None].to(device), tile_size, multiple=multiple, size=target.shape)
     return logits, target[None].to(device)
 
 

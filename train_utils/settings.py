@@ -47,7 +47,7 @@ FOV_MODES = ("estimate", "all")
 TUTORIAL = dict(
     # data
     data_path="./", dataset="drive", val_split=0, val_seed=0, val_images=None, fov="estimate", num_classes=1,
-    base_size=None, crop_size=None, scale_range=SCALE_RANGE, mean=None, std=None, workers=None,
+    fov_diameter=0, base_size=None, crop_size=None, scale_range=SCALE_RANGE, mean=None, std=None, workers=None,
     # model
     model="unet", base_c=32, pretrained_backbone="", channels_last=None, compile=False,
     # optimisation
@@ -83,7 +83,7 @@ DEMO_DATA = dict(num_train=20, num_test=5, height=128, width=124, seed=0)
 # What a checkpoint decides. Its model, always (the tutorial saved no model name or width: its model is
 # the U-Net with base_c=32); mean/std only when it holds them.
 MODEL_KEYS = {"model": "unet", "num_classes": 1, "base_c": 32}
-CARRIED_KEYS = tuple(MODEL_KEYS) + ("mean", "std")
+CARRIED_KEYS = tuple(MODEL_KEYS) + ("mean", "std", "fov_diameter")
 # A resumed run also keeps its held-out validation images.
 RESUMED_KEYS = ("dataset", "val_split", "val_seed", "val_images", "fov")
 # Everything a recipe decides (and the scale range, the other augmentation setting): a fast run resumes as
@@ -195,10 +195,24 @@ def _comparable(value):
     return value
 
 
+# Flags that name one value per dataset when training on several (``--dataset drive stare --data-path A B``).
+PER_DATASET_KEYS = ("dataset", "data_path", "val_split")
+
+
 def typed_flags(args):
-    """The settings typed on the command line: the parser leaves out every flag not given."""
+    """The settings typed on the command line: the parser leaves out every flag not given. A per-dataset
+    flag given once is that value (``--dataset stare``: ``"stare"``), several a tuple."""
     given = args if isinstance(args, dict) else vars(args)
-    return {k: v for k, v in given.items() if k in TUTORIAL}
+    typed = {k: v for k, v in given.items() if k in TUTORIAL}
+    for k in PER_DATASET_KEYS:
+        if isinstance(typed.get(k), (list, tuple)):
+            typed[k] = typed[k][0] if len(typed[k]) == 1 else tuple(typed[k])
+    return typed
+
+
+def per_dataset(value):
+    """A per-dataset setting as a list: one dataset's value in a list of one, several as they are."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def checkpoint_layer(typed, saved, path, resuming):
@@ -279,7 +293,7 @@ def derive(values, machine):
     if values["base_c"] is None:
         out["base_c"] = fast_width(amp)
     if values["crop_size"] is None and values["base_size"] is not None:
-        out["crop_size"] = min(CROP_SIZE, values["base_size"])
+        out["crop_size"] = min(CROP_SIZE, *per_dataset(values["base_size"]))
     if values["mean"] is None or values["std"] is None:
         mean, std = DRIVE_MEAN, DRIVE_STD
         if values["pretrained_backbone"]:  # an encoder pretrained on ImageNet expects ImageNet's normalisation
@@ -300,8 +314,8 @@ def check_values(v):
     """Reject impossible settings before any work starts or anything is written."""
     for name in ("num_classes", "batch_size", "epochs", "crop_size", "base_size", "base_c", "print_freq",
                  "crops_per_image", "eval_every"):
-        if v.get(name) is not None and v[name] < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {v[name]})")
+        if v.get(name) is not None and min(per_dataset(v[name])) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {_shown(v[name])})")
     for name in ("lr", "momentum", "weight_decay"):
         if v.get(name) is not None and not (math.isfinite(v[name]) and v[name] >= 0):
             raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0 (got {v[name]})")
@@ -311,8 +325,8 @@ def check_values(v):
         raise UserError("--test-only needs the weights to evaluate: --resume PATH (or --weights PATH)")
     if v.get("std") is not None and min(v["std"]) <= 0:
         raise UserError("--std values must be positive")
-    if v["val_split"] < 0 or v["val_tile_size"] < 0:
-        raise UserError("--val-split and --tile-size must be >= 0")
+    if min(per_dataset(v["val_split"])) < 0 or v["val_tile_size"] < 0 or v["fov_diameter"] < 0:
+        raise UserError("--val-split, --tile-size and --fov-diameter must be >= 0")
     if not 0 <= v["rotate"] <= 180:
         raise UserError(f"--rotate must be in [0, 180] degrees (got {v['rotate']})")
     lo, hi = v["scale_range"]

@@ -179,6 +179,24 @@ def get_transform(train, mean=DRIVE_MEAN, std=DRIVE_STD, base_size=BASE_SIZE, cr
     return SegmentationPresetEval(mean=mean, std=std)
 
 
+def scaled_size(height, width, scale):
+    """(height, width) resized by ``scale``, rounded, at least 1 pixel."""
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def rescale(img: torch.Tensor, scale: float, target: torch.Tensor = None):
+    """``img`` (uint8 ``[3, H, W]``) resized by ``scale`` as the training resize does it (bilinear with
+    antialiasing), and ``target`` (``[H, W]``, if given) with the centre-aligned nearest neighbour, so
+    labels keep their classes and stay on their vessels. Returns (img, target)."""
+    if scale == 1.0:
+        return img, target
+    size = list(scaled_size(*img.shape[-2:], scale))
+    img = F.resize_image(img, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    if target is not None:
+        target = F.resize_image(target.unsqueeze(0), size, interpolation=v2.InterpolationMode.NEAREST_EXACT)[0]
+    return img, target
+
+
 def normalize_image(img_uint8: torch.Tensor, mean=DRIVE_MEAN, std=DRIVE_STD) -> torch.Tensor:
     """A uint8 CHW (or NCHW) image as the model's float input, as the eval preset makes it."""
     return F.normalize(img_uint8.float().div_(255), mean=list(mean), std=list(std))
