@@ -11,7 +11,8 @@ scaled to 0..1 and normalised with the training mean and std
 (C = foreground classes + 1; the softmax's argmax is the predicted class). N,
 H and W are dynamic: any batch, any height and width of at least 32 pixels
 (64 for the backbone models), odd sizes included. The model, its class count
-and its normalisation are stored in the file (ONNX: ``metadata_props``; .pt2:
+its normalisation and its FOV scale (``fov_diameter``: photographs resized so
+that their field of view is that many pixels across; 0 for none) are stored in the file (ONNX: ``metadata_props``; .pt2:
 the extra file ``model.json``), so ``predict.py --weights unet.onnx`` needs
 nothing else, and no PyTorch: only numpy, Pillow and onnxruntime.
 
@@ -36,7 +37,7 @@ from torch import nn
 
 import src
 from train_utils import extras
-from train_utils.checkpoint import model_from_checkpoint, normalisation
+from train_utils.checkpoint import load_checkpoint, model_from_checkpoint, normalisation
 from train_utils.errors import UserError, run_cli
 from train_utils.files import atomic_write, ensure_writable_folder
 from train_utils.inference import inference_model
@@ -54,10 +55,10 @@ def resolve_format(args, weights):
     fmt, out = args.format, args.output
     if fmt is None:
         if out is None:
-            raise UserError("give --format onnx or --format pt2 (or an --output ending in .onnx or .pt2)")
+            raise UserError("give --format onnx, pt2 or pth (or an --output ending in .onnx, .pt2 or .pth)")
         fmt = next((f for f, ext in FORMATS.items() if out.lower().endswith(ext)), None)
         if fmt is None:
-            raise UserError(f"--output '{out}' ends in neither .onnx nor .pt2; give --format")
+            raise UserError(f"--output '{out}' ends in none of .onnx, .pt2 and .pth; give --format")
     if out is None:
         out = os.path.splitext(weights)[0] + FORMATS[fmt]
     if not out.lower().endswith(FORMATS[fmt]):
@@ -86,7 +87,7 @@ def load_for_export(weights):
     net = LogitsOnly(inference_model(model, channels_last=False)).eval()
     # The checkpoint's own ``args`` keys and meanings, so model_kwargs() reads them back unchanged.
     meta = {"model": kwargs["model"], "num_classes": kwargs["num_classes"] - 1, "base_c": kwargs["base_c"],
-            "mean": mean, "std": std,
+            "mean": mean, "std": std, "fov_diameter": ckpt.get("args", {}).get("fov_diameter") or 0,
             "epoch": ckpt.get("epoch"), "best_dice": ckpt.get("best_dice"),
             "source": os.path.basename(weights), "input": INPUT_NAME, "output": OUTPUT_NAME,
             "normalisation": "image = (rgb / 255 - mean) / std, float32 [N, 3, H, W]"}
@@ -159,6 +160,25 @@ def export_pt2(net, meta, tmp, check):
             compare("torch.export.load", loaded.module()(probe).numpy(), net(probe))
 
 
+def export_half_checkpoint(weights, tmp, check):
+    """A checkpoint of the model alone (no optimiser state), its floating-point tensors stored in float16:
+    a quarter of a training checkpoint's size. It loads as any checkpoint (into float32 parameters). The
+    check compares the float16 model's predicted classes with the original's on a random input."""
+    ckpt = load_checkpoint(weights)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    torch.save({"model": state, "args": ckpt["args"], "epoch": ckpt.get("epoch"),
+                "best_dice": ckpt.get("best_dice")}, tmp)
+    if check:
+        original, _, _ = model_from_checkpoint(weights)
+        half, _, _ = model_from_checkpoint(tmp)
+        _, probe = example_inputs(ckpt["args"].get("model", "unet"))
+        with torch.no_grad():
+            a, b = original(probe)["out"], half(probe)["out"]
+        changed = (a.argmax(1) != b.argmax(1)).float().mean().item()
+        print(f"check: float16 storage changes {changed:.4%} of the predicted pixels of a random input "
+              f"(max logit difference {(a - b).abs().max().item():.2g})")
+
+
 def check_torch_version(version=torch.__version__):
     """torch.onnx's torch.export-based exporter and ``ONNXProgram.save`` as used here came with PyTorch 2.6."""
     major, minor = (int(v) for v in version.split("+")[0].split(".")[:2])
@@ -180,11 +200,19 @@ def main(args):
     # An existing --output is replaced only by a complete file that passed its check.
     if fmt == "onnx":
         atomic_write(out, lambda tmp: export_onnx(net, meta, tmp, args.opset, args.check), suffix=FORMATS[fmt])
-    else:
+    elif fmt == "pt2":
         atomic_write(out, lambda tmp: export_pt2(net, meta, tmp, args.check), suffix=FORMATS[fmt])
+    else:
+        atomic_write(out, lambda tmp: export_half_checkpoint(weights, tmp, args.check), suffix=FORMATS[fmt])
     size = os.path.getsize(out) / 2 ** 20
+    if fmt == "pth":
+        print(f"wrote {out} ({size:.1f} MB): the model's weights in float16, loaded as any checkpoint")
+        return
     print(f"wrote {out} ({size:.1f} MB): input '{INPUT_NAME}' float32 [N, 3, H, W], normalised with mean "
           f"{meta['mean']} and std {meta['std']}; output '{OUTPUT_NAME}' [N, {meta['num_classes'] + 1}, H, W]")
+    if meta["fov_diameter"]:
+        print(f"the model expects photographs resized so that their field of view is {meta['fov_diameter']} px "
+              "across (predict.py --weights does it; stored in the metadata as fov_diameter)")
 
 
 if __name__ == "__main__":

@@ -44,8 +44,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from train_utils.errors import UserError
-from train_utils.imaging import (files_by_stem, fov_scale, image_size, is_image_name, list_files, load_sample,
-                                 stem_of)
+from train_utils.imaging import files_by_stem, fov_scale, is_image_name, list_files, load_sample, stem_of
 from train_utils.metrics import IGNORE_INDEX
 from train_utils.transforms import BASE_SIZE, DRIVE_MEAN, DRIVE_STD, rescale
 

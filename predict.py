@@ -49,10 +49,11 @@ import src
 from train_utils.checkpoint import model_from_checkpoint, normalisation
 from train_utils.distributed_utils import resolve_device
 from train_utils.errors import UserError, run_cli
-from train_utils.imaging import (IMAGE_EXTS, estimate_fov, files_by_stem, image_size, is_image_name, palette_image,
-                                 read_binary, read_image, stem_of)
-from train_utils.inference import inference_model, predict_probabilities
+from train_utils.imaging import (IMAGE_EXTS, estimate_fov, files_by_stem, fov_scale, image_size, is_image_name,
+                                 palette_image, read_binary, read_image, stem_of)
+from train_utils.inference import inference_model, predict_probabilities, probabilities_at
 from train_utils.precision import autocast_dtype
+from train_utils.transforms import rescale
 
 OVERLAY_ALPHA = 0.6
 # Class colours for overlays and palette masks: background black, then green (vessels), red, blue, ...
@@ -189,6 +190,35 @@ def batches_of_same_size(inputs, sizes, batch_size):
         yield group
 
 
+def field_of_view(image, mask_file, path):
+    """(FOV of one photograph, a note for its line): its --roi-mask file, else estimated from the dark border."""
+    if mask_file:
+        return read_binary(mask_file, path, image.shape[:2]), ""
+    fov, threshold = estimate_fov(image)
+    return fov, f", FOV estimated ({fov.mean():.0%} of the image, brightness > {threshold:.0f})"
+
+
+def predict_group(model, images, fovs, fov_diameter, args, **kw):
+    """(class probabilities [C, H, W] of each photograph, tiles per image).
+
+    A model trained with ``--fov-diameter`` sees each photograph resized so
+    that its FOV is that many pixels across, as in training; its probabilities
+    are resized back to the photograph's own size. Without, the photographs go
+    in as they are, in one batch.
+    """
+    opts = dict(tile_size=args.tile_size, tile_overlap=args.tile_overlap, batch_size=args.batch_size,
+                tta=args.tta, channels_last=args.channels_last, **kw)
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    if not fov_diameter:
+        return predict_probabilities(model, batch, **opts)
+    probs = []
+    for img, (fov, _) in zip(batch, fovs):
+        small, _ = rescale(img, fov_scale(fov, fov_diameter))
+        p, tiles = predict_probabilities(model, small[None], **opts)
+        probs.append(probabilities_at(p, img.shape[-2:])[0])
+    return probs, tiles
+
+
 def main(args):
     check_args(args)
     inputs = list_inputs(args.img)
@@ -215,26 +245,19 @@ def main(args):
     for group in batches_of_same_size(inputs, sizes, args.batch_size):
         t0 = time.perf_counter()
         images = [read_image(inputs[i], "RGB") for i in group]
-        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-        probs, tiles = predict_probabilities(
-            model, batch, mean, std, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
-            batch_size=args.batch_size, multiple=src.model_spec(kwargs["model"]).size_multiple, amp_dtype=amp_dtype,
-            tta=args.tta, channels_last=args.channels_last)
+        fovs = [field_of_view(images[k], mask_files[i], inputs[i]) for k, i in enumerate(group)]
+        probs, tiles = predict_group(model, images, fovs, saved.get("fov_diameter") or 0, args,
+                                     mean=mean, std=std, multiple=src.model_spec(kwargs["model"]).size_multiple,
+                                     amp_dtype=amp_dtype)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         shared = (time.perf_counter() - t0) / len(group)  # reading and predicting, shared by the batch
         for k, i in enumerate(group):
             t1 = time.perf_counter()
             h, w = images[k].shape[:2]
-            if mask_files[i]:
-                fov = read_binary(mask_files[i], inputs[i], (h, w))
-                fov_note = ""
-            else:
-                fov, threshold = estimate_fov(images[k])
-                fov_note = f", FOV estimated ({fov.mean():.0%} of the image, brightness > {threshold:.0f})"
-            save_outputs(probs[k], images[k], fov, plans[i], args)
+            save_outputs(probs[k], images[k], fovs[k][0], plans[i], args)
             elapsed = shared + time.perf_counter() - t1
-            print(f"{inputs[i]}: {w}x{h}" + (f", {tiles} tiles" if tiles > 1 else "") + fov_note
+            print(f"{inputs[i]}: {w}x{h}" + (f", {tiles} tiles" if tiles > 1 else "") + fovs[k][1]
                   + f" -> {plans[i][0]}  {elapsed:.2f} s", flush=True)
         del probs
     n = len(inputs)

@@ -191,11 +191,13 @@ def test_predict_as_typed_after_the_demo(quick_start, capsys):
     assert "using 'save_weights/best_model.pth'" in capsys.readouterr().out
 
 
-def test_predict_without_weights_says_to_train_first(tmp_path, monkeypatch):
+def test_predict_without_weights_or_shipped_model_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "SHIPPED_WEIGHTS", str(tmp_path / "weights" / "unet_vessels.pth"))
     write_synthetic_drive(str(tmp_path), num_train=0, num_test=1, height=64, width=60)
-    with pytest.raises(UserError, match=r"no --weights given.*train first \(python train.py --demo\) or pass "
-                                        r"--weights PATH"):
+    with pytest.raises(UserError, match=r"no --weights given.*the shipped model '.*unet_vessels.pth' is missing: "
+                                        r"restore it \(git checkout -- weights\), train \(python train.py --demo\) "
+                                        r"or pass --weights PATH"):
         predict_as_typed("--img", tmp_path / "DRIVE" / "test" / "images" / "01_test.tif")
 
 

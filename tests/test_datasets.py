@@ -280,6 +280,8 @@ def test_test_only_writes_per_image_and_pooled_metrics(drive_root, tmp_path):
     assert r.returncode == 0, r.stderr
     with open(evaluated / "test_metrics.csv") as f:
         rows = list(csv.reader(f))
+    assert rows[0][0] == "dataset" and {r_[0] for r_ in rows[1:]} == {"drive"}
+    rows = [r_[1:] for r_ in rows]
     assert rows[0] == ["image", "dice", "sensitivity", "specificity", "accuracy", "f1", "auc"]
     test = dataset_files("drive", drive_root, "test")
     assert [r_[0] for r_ in rows[1:]] == names(test) + ["pooled"]
@@ -410,7 +412,7 @@ def test_multiclass_folder_dataset_end_to_end(layouts, tmp_path):
                    "--device", "cpu")
     assert r.returncode == 0, r.stderr
     with open(out / "test_metrics.csv") as f:
-        assert [row[0] for row in csv.reader(f)][1:] == ["sample005.png", "sample006.png", "pooled"]
+        assert [row[1] for row in csv.reader(f)][1:] == ["sample005.png", "sample006.png", "pooled"]
     pred = tmp_path / "pred"
     r = run_script("predict.py", "--weights", out / "checkpoint.pth",
                    "--img", os.path.join(root, "test", "images"), "--output", pred, "--device", "cpu")

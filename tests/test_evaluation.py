@@ -16,7 +16,8 @@ from my_dataset import VesselDataset, drive_files
 from src import UNet
 from tests.conftest import spread_output
 from train_utils.distributed_utils import ShardedEvalSampler
-from train_utils.evaluation import TEST_METRICS_COLUMNS, ValidationResult, validate, write_test_metrics
+from train_utils.evaluation import (TEST_METRICS_COLUMNS, DatasetResults, ValidationResult, validate,
+                                   write_test_metrics)
 from train_utils.inference import inference_model, predict_probabilities
 from train_utils.metrics import format_metrics
 from train_utils.transforms import get_transform
@@ -195,18 +196,33 @@ def test_write_test_metrics_csv(tmp_path):
     vessel = {"sensitivity": 0.5, "specificity": 0.25, "accuracy": 1 / 3, "f1": 0.125, "auc": float("nan")}
     rows = [("01_test.tif", {"dice": 0.75, **vessel}), ("02_test.tif", {"dice": 2 / 3, **vessel})]
     result = ValidationResult(confmat=None, dice=0.7, vessel=vessel, rows=rows)
-    path = write_test_metrics(str(tmp_path), result)
+    path = write_test_metrics(str(tmp_path), result, dataset="drive")
     assert path == str(tmp_path / "test_metrics.csv")
     with open(path, newline="") as f:
         lines = list(csv.reader(f))
     assert lines == [
-        ["image", "dice", "sensitivity", "specificity", "accuracy", "f1", "auc"],
-        ["01_test.tif", "0.750000", "0.500000", "0.250000", "0.333333", "0.125000", "nan"],
-        ["02_test.tif", "0.666667", "0.500000", "0.250000", "0.333333", "0.125000", "nan"],
-        ["pooled", "0.700000", "0.500000", "0.250000", "0.333333", "0.125000", "nan"],
+        ["dataset", "image", "dice", "sensitivity", "specificity", "accuracy", "f1", "auc"],
+        ["drive", "01_test.tif", "0.750000", "0.500000", "0.250000", "0.333333", "0.125000", "nan"],
+        ["drive", "02_test.tif", "0.666667", "0.500000", "0.250000", "0.333333", "0.125000", "nan"],
+        ["drive", "pooled", "0.700000", "0.500000", "0.250000", "0.333333", "0.125000", "nan"],
     ]
-    assert TEST_METRICS_COLUMNS == tuple(lines[0][1:])
+    assert TEST_METRICS_COLUMNS == tuple(lines[0][2:])
     assert os.listdir(tmp_path) == ["test_metrics.csv"]  # written through a temporary file, none left behind
+
+
+def test_write_test_metrics_csv_of_several_datasets_has_a_pooled_row_each(tmp_path):
+    def result(dice, names):
+        vessel = {k: dice / 2 for k in TEST_METRICS_COLUMNS[1:]}
+        return ValidationResult(confmat=None, dice=dice, vessel=vessel,
+                                rows=[(n, {"dice": dice, **vessel}) for n in names])
+
+    both = DatasetResults([("drive", result(0.8, ["01_test.tif"])), ("stare", result(0.6, ["im0001.ppm", "x.ppm"]))])
+    assert both.dice == pytest.approx(0.7)  # every dataset counts the same, whatever its image count
+    with open(write_test_metrics(str(tmp_path), both), newline="") as f:
+        lines = [row[:3] for row in csv.reader(f)]
+    assert lines == [["dataset", "image", "dice"], ["drive", "01_test.tif", "0.800000"], ["drive", "pooled", "0.800000"],
+                     ["stare", "im0001.ppm", "0.600000"], ["stare", "x.ppm", "0.600000"],
+                     ["stare", "pooled", "0.600000"]]
 
 
 # ---------------------------------------------------------------------------

@@ -25,10 +25,13 @@ from .files import atomic_write
 from .settings import CROP_SIZE, DEMO, FOV_MODES, RECIPES, TUTORIAL, Flag, default_text, shown_default
 
 # export.py's formats (and the suffix predict.py recognises each by) and its ONNX opset.
-EXPORT_FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
+EXPORT_FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "pth": ".pth"}
 ONNX_OPSET = 18
+# The model shipped in the repository (docs/model_card.md), found wherever the scripts are run from.
+SHIPPED_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights",
+                               "unet_vessels.pth")
 # Where predict.py and export.py look for weights without --weights: what train.py writes by default, then
-# what train.py --demo writes.
+# what train.py --demo writes, then the shipped model.
 DEFAULT_WEIGHTS = tuple(os.path.join(d, "best_model.pth") for d in (TUTORIAL["output_dir"], DEMO["output_dir"]))
 PREDICTIONS_DIR = "predictions"
 REFERENCE_BEGIN, REFERENCE_END = "<!-- flag-reference: begin -->", "<!-- flag-reference: end -->"
@@ -214,7 +217,8 @@ def train_multi_gpu_parser(add_help=True, doc=None):
 
 def _weights_flag(flag, what):
     flag("--weights", dest="weights", default=None, metavar="PATH", help=f"{what} (default: "
-         f"{DEFAULT_WEIGHTS[0]}, else {DEFAULT_WEIGHTS[1]}, which train.py --demo writes)")
+         f"{DEFAULT_WEIGHTS[0]}, else {DEFAULT_WEIGHTS[1]}, which train.py --demo writes, else the shipped "
+         "model weights/unet_vessels.pth)")
 
 
 def predict_parser(add_help=True, doc=None):
@@ -262,8 +266,9 @@ def export_parser(add_help=True, doc=None):
     flag = Flag(parser)
     _weights_flag(flag, "checkpoint written by train.py")
     flag("--format", dest="format", choices=sorted(EXPORT_FORMATS), default=None,
-         help="onnx (onnxruntime, no PyTorch needed) or pt2 (torch.export.load) (default: from the --output suffix)")
-    flag("--output", dest="output", default=None, metavar="FILE", help="file to write, ending in .onnx or .pt2 "
+         help="onnx (onnxruntime, no PyTorch needed), pt2 (torch.export.load) or pth (a checkpoint holding only "
+              "the model, stored in float16: half the size, what weights/ ships) (default: from the --output suffix)")
+    flag("--output", dest="output", default=None, metavar="FILE", help="file to write, ending in .onnx, .pt2 or .pth "
          "(default: the checkpoint's name with the format's suffix)")
     flag("--opset", dest="opset", default=ONNX_OPSET, type=int, metavar="N", help="ONNX opset version")
     flag("--check", dest="check", default=True, action=argparse.BooleanOptionalAction,
@@ -315,15 +320,21 @@ def synthetic_main(doc=None):
 
 
 def weights_or_default(weights):
-    """``--weights``, or the first of ``DEFAULT_WEIGHTS`` that exists (saying which); one error line if none."""
+    """``--weights``, or the first of ``DEFAULT_WEIGHTS`` that exists, else the shipped model (saying which);
+    one error line if the shipped file is missing too."""
     if weights:
         return weights
     for path in DEFAULT_WEIGHTS:
         if os.path.isfile(path):
             print(f"no --weights given: using '{path}'")
             return path
-    raise UserError(f"no --weights given, and neither {' nor '.join(DEFAULT_WEIGHTS)} exists: train first "
-                    "(python train.py --demo) or pass --weights PATH")
+    if not os.path.isfile(SHIPPED_WEIGHTS):
+        raise UserError(f"no --weights given, neither {' nor '.join(DEFAULT_WEIGHTS)} exists, and the shipped model "
+                        f"'{SHIPPED_WEIGHTS}' is missing: restore it (git checkout -- weights), train "
+                        "(python train.py --demo) or pass --weights PATH")
+    print(f"no --weights given: using the shipped model '{os.path.relpath(SHIPPED_WEIGHTS)}' "
+          "(trained on DRIVE, CHASE_DB1 and STARE; docs/model_card.md)")
+    return SHIPPED_WEIGHTS
 
 
 # ---------------------------------------------------------------------------
