@@ -49,8 +49,9 @@ import src
 from train_utils.checkpoint import model_from_checkpoint, normalisation
 from train_utils.distributed_utils import resolve_device
 from train_utils.errors import UserError, run_cli
-from train_utils.imaging import (IMAGE_EXTS, estimate_fov, files_by_stem, image_size, is_image_name, palette_image,
-                                 read_binary, read_image, stem_of)
+from train_utils.files import atomic_write, nearest_existing
+from train_utils.imaging import (IMAGE_EXTS, check_min_size, estimate_fov, files_by_stem, image_size, is_image_name,
+                                 palette_image, read_binary, read_image, stem_of)
 from train_utils.inference import inference_model, predict_probabilities
 from train_utils.precision import autocast_dtype
 
@@ -119,6 +120,10 @@ def output_paths(args, inputs, mask_files):
     if file_mode and len(inputs) > 1:
         raise UserError(f"--output '{out}' is a file name but '{args.img}' holds {len(inputs)} images; "
                         "give a folder with --output-dir")
+    blocker = nearest_existing(os.path.dirname(os.path.abspath(out)) if file_mode else out)
+    if not os.path.isdir(blocker):
+        raise UserError(f"{'--output' if args.output else '--output-dir'} '{out}': '{blocker}' is a file, not a "
+                        "folder; name a folder (or, for one image, a .png file)")
     plans = []
     for path in inputs:
         base = os.path.splitext(out)[0] if file_mode else os.path.join(out, stem_of(path))
@@ -157,14 +162,19 @@ def save_outputs(probs, image, fov, plan, args):
     classes = torch.where(fov_t, probs.argmax(dim=0), 0).to(torch.uint8).cpu().numpy()
     num_classes = probs.shape[0]
     if num_classes <= 2:
-        Image.fromarray((classes > 0).astype(np.uint8) * 255).save(mask_path)
+        save_png(Image.fromarray((classes > 0).astype(np.uint8) * 255), mask_path)
     else:
-        palette_image(classes, CLASS_COLOURS).save(mask_path)
+        save_png(palette_image(classes, CLASS_COLOURS), mask_path)
     if args.save_prob:
         fg = torch.where(fov_t, 1 - probs[0], 0).clamp_(0, 1)
-        Image.fromarray(fg.mul_(255).round_().to(torch.uint8).cpu().numpy()).save(prob_path)
+        save_png(Image.fromarray(fg.mul_(255).round_().to(torch.uint8).cpu().numpy()), prob_path)
     if args.overlay:
-        Image.fromarray(colour_overlay(image, classes)).save(overlay_path)
+        save_png(Image.fromarray(colour_overlay(image, classes)), overlay_path)
+
+
+def save_png(image, path):
+    """``image`` as the PNG ``path``, whole or not at all (a full disk is one error line)."""
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 # ---------------------------------------------------------------------------
@@ -202,6 +212,7 @@ def main(args):
     else:
         device = resolve_device(args.device)
         model, saved, kwargs = load_model(weights, device, args.channels_last)
+    check_min_size(inputs, src.model_spec(kwargs["model"]).size_multiple, kwargs["model"], sizes)
     if args.tta is None:  # a recipe that validated with flip averaging is meant to be used with it
         args.tta = bool(saved.get("eval_tta", False))
     mean, std = normalisation(saved)
