@@ -74,9 +74,7 @@ def compute_mean_std(root, split="training", dataset="drive", fov="estimate"):
     image_means, image_stds = [], []
     for img_path, _, mask_path in files:
         img = read_image(img_path, "RGB")
-        pixels = img[field_of_view(img, mask_path, img_path, fov)]  # [n, 3] uint8
-        if pixels.shape[0] == 0:
-            raise UserError(f"the FOV of '{img_path}' holds no pixels (is its mask all black?)")
+        pixels = img[field_of_view(img, mask_path, img_path, fov)]  # [n, 3] uint8 (an empty FOV is an error)
         hist = np.stack([np.bincount(pixels[:, c], minlength=256) for c in range(CHANNELS)]).astype(np.int64)
         total += hist
         mean, std = _mean_std(*_moments(hist))

@@ -49,8 +49,9 @@ import src
 from train_utils.checkpoint import model_from_checkpoint, normalisation
 from train_utils.distributed_utils import resolve_device
 from train_utils.errors import UserError, run_cli
-from train_utils.imaging import (IMAGE_EXTS, estimate_fov, files_by_stem, fov_scale, image_size, is_image_name,
-                                 palette_image, read_binary, read_image, stem_of)
+from train_utils.files import atomic_write, nearest_existing
+from train_utils.imaging import (IMAGE_EXTS, check_min_size, estimate_fov, files_by_stem, fov_scale, image_size,
+                                 is_image_name, palette_image, read_binary, read_image, stem_of)
 from train_utils.inference import inference_model, predict_probabilities, probabilities_at
 from train_utils.precision import autocast_dtype
 from train_utils.transforms import rescale
@@ -120,6 +121,10 @@ def output_paths(args, inputs, mask_files):
     if file_mode and len(inputs) > 1:
         raise UserError(f"--output '{out}' is a file name but '{args.img}' holds {len(inputs)} images; "
                         "give a folder with --output-dir")
+    blocker = nearest_existing(os.path.dirname(os.path.abspath(out)) if file_mode else out)
+    if not os.path.isdir(blocker):
+        raise UserError(f"{'--output' if args.output else '--output-dir'} '{out}': '{blocker}' is a file, not a "
+                        "folder; name a folder (or, for one image, a .png file)")
     plans = []
     for path in inputs:
         base = os.path.splitext(out)[0] if file_mode else os.path.join(out, stem_of(path))
@@ -158,14 +163,19 @@ def save_outputs(probs, image, fov, plan, args):
     classes = torch.where(fov_t, probs.argmax(dim=0), 0).to(torch.uint8).cpu().numpy()
     num_classes = probs.shape[0]
     if num_classes <= 2:
-        Image.fromarray((classes > 0).astype(np.uint8) * 255).save(mask_path)
+        save_png(Image.fromarray((classes > 0).astype(np.uint8) * 255), mask_path)
     else:
-        palette_image(classes, CLASS_COLOURS).save(mask_path)
+        save_png(palette_image(classes, CLASS_COLOURS), mask_path)
     if args.save_prob:
         fg = torch.where(fov_t, 1 - probs[0], 0).clamp_(0, 1)
-        Image.fromarray(fg.mul_(255).round_().to(torch.uint8).cpu().numpy()).save(prob_path)
+        save_png(Image.fromarray(fg.mul_(255).round_().to(torch.uint8).cpu().numpy()), prob_path)
     if args.overlay:
-        Image.fromarray(colour_overlay(image, classes)).save(overlay_path)
+        save_png(Image.fromarray(colour_overlay(image, classes)), overlay_path)
+
+
+def save_png(image, path):
+    """``image`` as the PNG ``path``, whole or not at all (a full disk is one error line)."""
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 # ---------------------------------------------------------------------------
@@ -190,7 +200,7 @@ def batches_of_same_size(inputs, sizes, batch_size):
         yield group
 
 
-def field_of_view(image, mask_file, path):
+def photo_fov(image, mask_file, path):
     """(FOV of one photograph, a note for its line): its --roi-mask file, else estimated from the dark border."""
     if mask_file:
         return read_binary(mask_file, path, image.shape[:2]), ""
@@ -232,6 +242,7 @@ def main(args):
     else:
         device = resolve_device(args.device)
         model, saved, kwargs = load_model(weights, device, args.channels_last)
+    check_min_size(inputs, src.model_spec(kwargs["model"]).size_multiple, kwargs["model"], sizes)
     if args.tta is None:  # a recipe that validated with flip averaging is meant to be used with it
         args.tta = bool(saved.get("eval_tta", False))
     mean, std = normalisation(saved)
@@ -245,7 +256,7 @@ def main(args):
     for group in batches_of_same_size(inputs, sizes, args.batch_size):
         t0 = time.perf_counter()
         images = [read_image(inputs[i], "RGB") for i in group]
-        fovs = [field_of_view(images[k], mask_files[i], inputs[i]) for k, i in enumerate(group)]
+        fovs = [photo_fov(images[k], mask_files[i], inputs[i]) for k, i in enumerate(group)]
         probs, tiles = predict_group(model, images, fovs, saved.get("fov_diameter") or 0, args,
                                      mean=mean, std=std, multiple=src.model_spec(kwargs["model"]).size_multiple,
                                      amp_dtype=amp_dtype)

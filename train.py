@@ -37,11 +37,11 @@ from torch.utils.data.distributed import DistributedSampler
 import src
 from my_dataset import DATASETS, BalancedSampler, RepeatDataset, VesselDataset, dataset_files, holdout
 from train_utils import distributed_utils as utils
-from train_utils.checkpoint import load_checkpoint, resume, safe_load, save_epoch
+from train_utils.checkpoint import load_checkpoint, require_checkpoint_space, resume, safe_load, save_epoch
 from train_utils.errors import UserError, run_cli
 from train_utils.evaluation import DatasetResults, validate, write_test_metrics
-from train_utils.files import ensure_writable_folder
-from train_utils.imaging import image_size
+from train_utils.files import append_text, ensure_writable_folder, remove_new_empty_folders, restart_epoch_log
+from train_utils.imaging import check_min_size, image_size
 from train_utils.pictures import TrainingPictures
 from train_utils.precision import cpu_has_native_bf16
 from train_utils.settings import DEMO_DATA, Machine, per_dataset, resolve_settings
@@ -260,6 +260,8 @@ def main(args):
 
     # 1. Data
     train_loader, val_loaders = build_data_loaders(s, proc, device)
+    check_min_size([p for _, loader in val_loaders for p in loader.dataset.img_list],
+                   src.model_spec(s.model).size_multiple, s.model)
 
     # 2. Model (a resumed run takes its weights from the checkpoint: no backbone file needed)
     model = create_model(num_classes, s.base_c, s.model, "" if checkpoint else s.pretrained_backbone).to(device)
@@ -280,7 +282,8 @@ def main(args):
         del checkpoint
 
     # 5. The epochs: train, validate, log, save
-    log = EpochLog(s.output_dir, utils.is_main_process(), start_epoch, last_epoch, s.epochs)
+    require_checkpoint_space(s.output_dir, model, optimizer, s.save_best, start_epoch)
+    log = EpochLog(s.output_dir, utils.is_main_process(), start_epoch, last_epoch, s.epochs, resumed=bool(s.resume))
     with pictures:  # closes the TensorBoard log when training ends
         for epoch in range(start_epoch, last_epoch):
             if hasattr(train_loader.sampler, "set_epoch"):  # DDP's sampler, BalancedSampler
@@ -396,12 +399,14 @@ class EpochLog:
     """The tutorial's results file and ``log.jsonl``: one block and one JSON line per validated epoch, and a
     progress line with the time left."""
 
-    def __init__(self, output_dir, enabled, first_epoch, last_epoch, epochs):
+    def __init__(self, output_dir, enabled, first_epoch, last_epoch, epochs, resumed=False):
         self.enabled = enabled
         self.start = time.time()
         self.results_file = os.path.join(output_dir, "results{}.txt".format(
             datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
         self.jsonl = os.path.join(output_dir, "log.jsonl")
+        if enabled:  # one record per epoch: a resumed run drops those it trains again, a new run starts anew
+            restart_epoch_log(self.jsonl, first_epoch, resumed)
         # This process trains epochs [first_epoch, last_epoch) of the ``epochs`` of the schedule.
         self.first_epoch, self.last_epoch, self.epochs = first_epoch, last_epoch, epochs
 
@@ -415,12 +420,10 @@ class EpochLog:
         if not self.enabled:
             return None
         now = time.time()
-        with open(self.results_file, "a") as f:
-            f.write(f"[epoch: {epoch}]\ntrain_loss: {mean_loss:.4f}\nlr: {lr:.6f}\n{result.text()}\n")
+        append_text(self.results_file, f"[epoch: {epoch}]\ntrain_loss: {mean_loss:.4f}\nlr: {lr:.6f}\n{result.text()}\n")
         record = {"epoch": epoch, "train_loss": mean_loss, "lr": lr, **result.record(),
                   "epoch_time": now - epoch_start, "elapsed": now - self.start}
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+        append_text(self.jsonl, json.dumps(json_safe(record), allow_nan=False) + "\n")
         print(self.progress(epoch, now - self.start), flush=True)
         return record
 
@@ -448,6 +451,10 @@ def cli(args):
     """Run ``main`` on the parsed flags: one-line errors, and the process group closed whatever happens."""
     try:
         run_cli(main, args, debug=getattr(args, "debug", False))
+    except SystemExit as e:
+        if e.code:  # failed: an output folder this run created and wrote nothing in goes again
+            remove_new_empty_folders()
+        raise
     finally:
         utils.cleanup_distributed()
 

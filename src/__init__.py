@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 class ModelSpec(NamedTuple):
     """What the scripts need to know about a model, beside building it."""
     builder: Callable  # (num_classes, base_c, pretrain_backbone) -> nn.Module
-    size_multiple: int  # input sizes its poolings divide evenly (tiles are rounded to it)
+    size_multiple: int  # input sizes its poolings divide evenly (tiles are rounded to it); the least image side
     min_size: int  # smallest height and width the export accepts (the deepest feature map >= 2 px)
     uses_base_c: bool  # whether --base-c sets its width
     backbone: bool  # whether --pretrained-backbone can start its encoder from ImageNet weights

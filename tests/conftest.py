@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny synthetic DRIVE root and a runner for the scripts."""
+"""Shared fixtures: a tiny synthetic DRIVE root, a small disk to fill, and a runner for the scripts."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,6 +23,39 @@ def drive_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("drive"))
     write_synthetic_drive(root, num_train=4, num_test=3, height=64, width=60, seed=1)
     return root
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(size)``: the folder of a new tmpfs of ``size`` bytes, to fill up; unmounted after the test.
+
+    Mounting needs root: where it fails, the test is skipped (the monkeypatched
+    ENOSPC tests run everywhere).
+    """
+    mounted = []
+
+    def mount(size):
+        path = tmp_path / f"disk{len(mounted)}"
+        path.mkdir()
+        try:
+            ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                capture_output=True).returncode == 0
+        except OSError:
+            ok = False
+        if not ok:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def leave_free(folder, size):
+    """Fill the disk of ``folder`` with a file until about ``size`` bytes are left free."""
+    with open(os.path.join(folder, "filler"), "wb") as f:
+        f.write(b"\0" * max(shutil.disk_usage(folder).free - size, 0))
 
 
 def spread_output(model, x):

@@ -18,7 +18,8 @@ from conftest import TINY_TRAIN, run_script, spread_output
 from my_dataset import DATASETS, STARE_TRAIN_COUNT, VesselDataset, dataset_files, holdout
 from train_utils.checkpoint import load_checkpoint
 from train_utils.errors import UserError
-from train_utils.imaging import estimate_fov, files_by_stem, read_image, read_label, split_ext
+from train_utils.imaging import (estimate_fov, field_of_view, files_by_stem, read_binary, read_image, read_label,
+                                  split_ext)
 from train_utils.inference import evaluation_log_probs, predict_probabilities
 from train_utils.metrics import IGNORE_INDEX
 from train_utils.synthetic import WRITERS, synthetic_fundus, write_synthetic, write_synthetic_drive
@@ -197,6 +198,68 @@ def test_multiclass_labels_palette_or_index_and_their_errors(tmp_path):
         read_label(str(tmp_path / "rgb.png"), "img", classes.shape, num_classes=2)
     with pytest.raises(UserError, match=r"is 4x2 but its image 'img' is 5x2"):
         read_label(str(tmp_path / "i.png"), "img", (2, 5), num_classes=2)
+
+
+def test_colour_and_multi_valued_one_class_labels_are_refused(tmp_path):
+    rng = np.random.default_rng(1)
+    vessel = np.zeros((40, 44), dtype=bool)
+    vessel[:, 10:13] = vessel[20:23, :] = True
+    shape = vessel.shape
+    colours = rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)
+    Image.fromarray(colours).save(tmp_path / "colour.png")
+    with pytest.raises(UserError, match=r"label '.*colour.png' is in colour \(\(\d+, \d+, \d+\), .*colours\)\): "
+                                        r"with --num-classes 1 a label is grey"):
+        read_label(str(tmp_path / "colour.png"), "img", shape)
+    disc = np.zeros(shape, dtype=bool)
+    disc[5:15, 25:35] = True
+    for name, levels, found in (("indices", np.where(disc, 2, vessel), "0, 1, 2"),
+                                ("indices_ignored", np.where(disc, 2, np.where(vessel, 1, 255)), "1, 2, 255"),
+                                ("three_levels", np.where(disc, 128, vessel * 255), "0, 128, 255"),
+                                ("dark", np.where(vessel, 100, 0), "0, 100")):
+        with pytest.raises(UserError, match=f"label '.*{name}.png' holds the grey levels {found}: .*--num-classes K"):
+            read_label(_save_gray(tmp_path, f"{name}.png", levels), "img", shape)
+
+
+def test_soft_edged_one_class_labels_still_pass(tmp_path):
+    """Resized, anti-aliased or JPEG-saved 0/255 drawings are split at 128, as the docs say."""
+    label = synthetic_fundus(120, 110, seed=4)[1]
+    drawing = Image.fromarray(label.astype(np.uint8) * 255)
+    for name, im in (("bilinear.png", drawing.resize((73, 80), Image.BILINEAR)),
+                     ("box.png", drawing.resize((55, 60), Image.BOX)),
+                     ("jpeg.jpg", drawing.convert("RGB"))):
+        im.save(tmp_path / name, quality=50)
+        levels = np.array(Image.open(tmp_path / name).convert("L"))
+        assert len(np.unique(levels)) > 3, name  # grey edges are there
+        assert np.array_equal(read_label(str(tmp_path / name), "img", levels.shape), levels >= 128), name
+
+
+def test_16_bit_images_labels_and_masks(tmp_path):
+    ramp = np.linspace(0, 65535, 40 * 44).reshape(40, 44).astype(np.uint16)
+    for name in ("ramp.png", "ramp.tif"):
+        Image.fromarray(ramp).save(tmp_path / name)
+        assert Image.open(tmp_path / name).mode.startswith("I")
+        rgb = read_image(str(tmp_path / name), "RGB")
+        expected = np.rint(ramp / 257).astype(np.uint8)  # scaled by the bit depth, not clipped at 255
+        assert np.array_equal(rgb, np.stack([expected] * 3, axis=-1)), name
+    vessel = ramp > 30000
+    for scale in (1, 255, 65535):  # 0/1, 0/255 and 0/65535 in 16 bits
+        path = tmp_path / f"label{scale}.png"
+        Image.fromarray(vessel.astype(np.uint16) * scale).save(path)
+        assert np.array_equal(read_label(str(path), "img", vessel.shape), vessel), scale
+        assert np.array_equal(read_binary(str(path), "img", vessel.shape), vessel), scale
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(UserError, match=r"cannot decode image '.*float.tif': its pixels are floating-point"):
+        read_image(str(tmp_path / "float.tif"), "RGB")
+
+
+def test_an_empty_field_of_view_is_named(tmp_path):
+    img = synthetic_fundus(40, 44, seed=0)[0]
+    Image.fromarray(np.zeros((40, 44), dtype=np.uint8)).save(tmp_path / "mask.gif")
+    with pytest.raises(UserError, match=r"the FOV mask '.*mask.gif' of image 'a.png' holds no pixels"):
+        field_of_view(img, str(tmp_path / "mask.gif"), "a.png")
+    with pytest.raises(UserError, match=r"the FOV estimated for image 'b.png' holds no pixels"):
+        field_of_view(np.zeros_like(img), None, "b.png")
+    assert field_of_view(np.zeros_like(img), None, "b.png", fov="all").all()
 
 
 # ---------------------------------------------------------------------------

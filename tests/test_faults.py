@@ -1,17 +1,33 @@
-"""Faults: a kill at any moment, a failed save, a lost DDP process, a collective that never completes."""
+"""Faults: a kill at any moment, a failed save, a full disk, a lost DDP process, a collective that never completes."""
+import errno
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+import train
 import train_utils.checkpoint as checkpoint
 from tests.conftest import ROOT, TINY_TRAIN, run_script
+from train_utils.errors import UserError
+from train_utils.files import atomic_write
+
+DISK_FULL = r"cannot write '.*': the disk is full \(errno ENOSPC\)"
+
+
+def parse(*argv):
+    return train.parse_args(train.get_args_parser(), [str(a) for a in argv])
+
+
+def temporary_files(folder):
+    return [n for n in os.listdir(folder) if ".tmp" in n]
 
 
 def load_all_pth(folder):
@@ -64,11 +80,108 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=DISK_FULL):
         checkpoint.save_checkpoint({"model": {"w": torch.zeros(3)}, "epoch": 2}, path)
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["epoch"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
+
+
+def full_disk(write):
+    """``write`` failing as on a full disk: half a file, then the error of the ENOSPC (``torch.save`` raises a
+    RuntimeError while handling it)."""
+    def broken(obj, f):
+        f.write(b"PK\x03\x04 half a file")
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    return broken
+
+
+@pytest.mark.parametrize("error,message", [
+    (OSError(errno.ENOSPC, "No space left on device"), r"the disk is full \(errno ENOSPC\)"),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), r"the disk quota is used up \(errno EDQUOT\)"),
+    ("torch", r"the disk is full \(errno ENOSPC\)"),
+])
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, error, message):
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"earlier")
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            if error == "torch":
+                full_disk(None)(None, f)
+            f.write(b"half")
+            raise error
+
+    with pytest.raises(UserError, match=f"cannot write '{re.escape(str(path))}': {message}"):
+        atomic_write(path, write)
+    assert path.read_bytes() == b"earlier" and os.listdir(tmp_path) == ["file.bin"]
+
+
+def test_other_write_failures_stay_what_they_are(tmp_path):
+    def write(tmp):
+        open(tmp, "w").close()
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError, match="a bug"):
+        atomic_write(tmp_path / "file.bin", write)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_really_full_disk(small_disk):
+    disk = small_disk(256 * 1024)
+    path = disk / "checkpoint.pth"
+    checkpoint.save_checkpoint({"w": torch.ones(10)}, path)
+    with pytest.raises(UserError, match=DISK_FULL):
+        checkpoint.save_checkpoint({"w": torch.zeros(200_000)}, path)  # 800 kB
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(10))
+    with pytest.raises(UserError, match=DISK_FULL):
+        atomic_write(disk / "big.bin", lambda tmp: open(tmp, "wb").write(b"x" * 400_000))
+    assert sorted(os.listdir(disk)) == ["checkpoint.pth"]
+
+
+def test_full_disk_during_training_keeps_a_resumable_checkpoint(drive_root, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    common = ["--data-path", drive_root, "--output-dir", out, "--epochs", 3, "--no-plots", *TINY_TRAIN]
+    real_save, calls = checkpoint.torch.save, []
+
+    def save(obj, f):  # epoch 0 writes best_model.pth and checkpoint.pth; then the disk is full
+        calls.append(1)
+        return real_save(obj, f) if len(calls) <= 2 else full_disk(None)(obj, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    with pytest.raises(UserError, match=DISK_FULL.replace(".*", ".*(best_model|checkpoint)\\.pth")):
+        train.main(parse(*common))
+    monkeypatch.undo()
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 0 and not temporary_files(out)
+    train.main(parse(*common, "--resume", out / "checkpoint.pth", "--stop-epoch", 1))
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 1
+
+
+def test_training_onto_a_really_full_disk(drive_root, small_disk):
+    """A model_N.pth per epoch fills 4 MiB within a few epochs of the tiny model (0.6 MB a checkpoint)."""
+    out = small_disk(4 * 2 ** 20) / "run"
+    r = run_script("train.py", "--data-path", drive_root, "--output-dir", out, "--epochs", 12, "--no-save-best",
+                   "--no-plots", *TINY_TRAIN)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and re.match("error: " + DISK_FULL, lines[0]), r.stderr
+    assert load_all_pth(out) and not temporary_files(out)  # every .pth on disk is whole
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] >= 1
+
+
+def test_too_little_space_for_a_checkpoint_stops_before_training(drive_root, tmp_path, small_disk, monkeypatch):
+    common = ["--epochs", 1, "--data-path", drive_root, *TINY_TRAIN]
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10 ** 9, free=10 ** 5))
+    with pytest.raises(UserError, match=r"not enough free space in '.*' for 2 checkpoints of this model \(about "):
+        train.main(parse("--output-dir", tmp_path / "a", *common))
+    assert os.listdir(tmp_path / "a") == []
+    monkeypatch.undo()
+    out = small_disk(2 ** 20) / "run"  # the tiny model's checkpoints need 2 x 1.6 MiB with the margin
+    with pytest.raises(UserError, match=r"MiB needed, .* MiB free; free some space"):
+        train.main(parse("--output-dir", out, *common))
+    assert os.listdir(out) == []
 
 
 def test_lost_ddp_process_ends_the_whole_run(drive_root, tmp_path):

@@ -1,4 +1,5 @@
 """predict.py end to end on synthetic DRIVE data, the tiled inference and the FOV estimate."""
+import errno
 import hashlib
 import os
 import re
@@ -10,7 +11,7 @@ from PIL import Image
 
 import predict
 from src import build_model
-from tests.conftest import run_script, spread_output
+from tests.conftest import leave_free, run_script, spread_output
 from train_utils.errors import run_cli
 from train_utils.imaging import estimate_fov
 from train_utils.inference import blend_weights, predict_probabilities, tile_grid
@@ -271,3 +272,65 @@ def test_prediction_is_the_evaluated_argmax_on_odd_sizes(tmp_path):
     assert 0.05 < expected[fov].mean() < 0.95  # the test model predicts both classes
     assert np.array_equal(predicted[fov], expected[fov]), f"{(predicted != expected)[fov].sum()} pixels differ"
     assert not predicted[~fov].any()
+
+
+def test_odd_inputs_and_outputs_are_one_error_line(env, tmp_path, capsys):
+    # an image smaller than the network can take
+    Image.new("RGB", (10, 10), (120, 60, 30)).save(tmp_path / "tiny.png")
+    code, lines = call_main(capsys, "--weights", env["ckpt"], "--img", tmp_path / "tiny.png",
+                            "--output", tmp_path / "o")
+    assert code == 1 and len(lines) == 1 and "is 10x10 pixels, smaller than the 16x16 the unet model needs" in lines[0]
+    # --output naming an existing file, for a folder of images
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    code, lines = call_main(capsys, "--weights", env["ckpt"], "--img", env["images"], "--output", notes)
+    assert code == 1 and len(lines) == 1 and "is a file, not a folder" in lines[0], lines
+    assert notes.read_text() == "keep me"
+    assert not (tmp_path / "o").exists()
+
+
+def test_16_bit_photograph_is_scaled_not_saturated(env, tmp_path, capsys):
+    grey = np.array(Image.open(env["images"] / "01_test.tif").convert("L"))
+    Image.fromarray(grey).save(tmp_path / "a8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "a16.png")  # the same levels in 16 bits
+    assert Image.open(tmp_path / "a16.png").mode.startswith("I")
+    masks = []
+    for name in ("a8", "a16"):
+        code, lines = call_main(capsys, "--weights", env["ckpt"], "--img", tmp_path / f"{name}.png",
+                                "--roi-mask", env["masks"] / "01_test_mask.gif", "--output", tmp_path / f"{name}_m.png")
+        assert code == 0, lines
+        masks.append(np.array(Image.open(tmp_path / f"{name}_m.png")))
+    assert 0 < masks[0].mean() < 255 and np.array_equal(masks[0], masks[1])
+
+
+def full_disk_for(part, real_save=Image.Image.save):
+    """``Image.save`` failing as a full disk does for files whose name holds ``part``: half a file, then ENOSPC."""
+    def save(self, fp, format=None, **params):
+        if part not in str(fp):
+            return real_save(self, fp, format, **params)
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG half a picture")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return save
+
+
+def test_full_disk_leaves_no_half_written_picture(env, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Image.Image, "save", full_disk_for("_overlay"))
+    out = tmp_path / "o"
+    code, lines = call_main(capsys, "--weights", env["ckpt"], "--img", env["images"], "--roi-mask", env["masks"],
+                            "--output-dir", out, "--save-prob", "--overlay")
+    assert code == 1 and len(lines) == 1, lines
+    assert re.fullmatch(r"error: cannot write '.*01_test_overlay\.png': the disk is full \(errno ENOSPC\).*", lines[0])
+    assert sorted(os.listdir(out)) == ["01_test.png", "01_test_prob.png"]
+
+
+def test_predicting_onto_a_really_full_disk(env, small_disk, capsys):
+    disk = small_disk(2 ** 20)
+    leave_free(disk, 12 * 1024)
+    out = disk / "o"
+    code, lines = call_main(capsys, "--weights", env["ckpt"], "--img", env["images"], "--roi-mask", env["masks"],
+                            "--output-dir", out, "--save-prob", "--overlay")
+    assert code == 1 and len(lines) == 1 and "the disk is full (errno ENOSPC)" in lines[0], lines
+    for name in os.listdir(out):  # whatever was written is whole
+        Image.open(out / name).load()
+    assert len(os.listdir(out)) < 6 and not [n for n in os.listdir(out) if ".tmp" in n]

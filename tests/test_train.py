@@ -2,10 +2,14 @@
 import json
 import os
 import pickle
+import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import src
 import train
 from tests.conftest import TINY_TRAIN, run_script
 from train_utils.errors import UserError
@@ -16,8 +20,8 @@ def parse(*argv):
     return train.parse_args(train.get_args_parser(), [str(a) for a in argv])
 
 
-def read_log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
+def read_log(out, name="log.jsonl"):
+    with open(os.path.join(out, name)) as f:
         return [json.loads(line) for line in f]
 
 
@@ -131,6 +135,15 @@ def test_bad_paths_are_user_errors(drive_root, tmp_path):
     with pytest.raises(UserError, match="not a U-Net checkpoint"):
         train.main(parse("--data-path", drive_root, "--output-dir", tmp_path / "o",
                          "--resume", tmp_path / "other.pth", *base))
+    noise = tmp_path / "noise.pth"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint: neither a zip archive nor a pickle"):
+        train.main(parse("--data-path", drive_root, "--output-dir", tmp_path / "o", "--resume", noise, *base))
+    (tmp_path / "run").mkdir()
+    torch.save({"weights": [1, 2]}, tmp_path / "run" / "checkpoint.pth")
+    with pytest.raises(UserError, match=r"checkpoint '.*run' is a folder: name the file in it \(checkpoint.pth\)"):
+        train.main(parse("--data-path", drive_root, "--output-dir", tmp_path / "o", "--resume", tmp_path / "run",
+                         *base))
 
 
 class _Exploit:
@@ -194,3 +207,75 @@ def test_log_is_strict_json_when_a_metric_is_undefined(tmp_path):
     assert "NaN" not in text
     record = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert record["auc"] is None and isinstance(record["dice"], float)
+
+
+@pytest.mark.parametrize("script,lr", [("train.py", "-5"), ("train_multi_GPU.py", "nan")])
+def test_impossible_lr_is_one_line_before_anything_is_written(drive_root, tmp_path, script, lr):
+    r = run_script(script, "--data-path", drive_root, "--output-dir", tmp_path / "run", "--lr", lr, *TINY_TRAIN)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and lines == [f"error: --lr must be a finite number >= 0 (got {float(lr)})"], r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_run_leaves_no_new_empty_output_folder(drive_root, tmp_path, capsys):
+    """The batch-size check of a --val-split run comes after the output folder is made: the folder goes again."""
+    out = tmp_path / "new" / "run"
+    with pytest.raises(SystemExit):
+        train.cli(parse("--data-path", drive_root, "--output-dir", out, "--val-split", 3, *TINY_TRAIN))
+    assert "--batch-size 2 is larger than the 1 training images" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there stays
+    with pytest.raises(SystemExit):
+        train.cli(parse("--data-path", drive_root, "--output-dir", tmp_path / "kept", "--val-split", 3, *TINY_TRAIN))
+    assert (tmp_path / "kept").is_dir()
+
+
+def test_log_has_one_record_per_epoch_across_resumes_and_new_runs(drive_root, tmp_path):
+    out = tmp_path / "run"
+    common = ["--data-path", drive_root, "--output-dir", out, "--epochs", 3, "--no-plots", *TINY_TRAIN]
+    train.main(parse(*common, "--stop-epoch", 1))
+    # Killed after logging epoch 2 but before its checkpoint, the last line half written (an older version).
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "dice": 0.5}) + "\n" + '{"epoch": 2, "di')
+    train.main(parse(*common, "--resume", out / "checkpoint.pth"))
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [0, 1, 2] and log[2]["dice"] != 0.5
+    train.main(parse(*common, "--epochs", 1))  # a new run in the same folder: a new log, the old one kept
+    assert [r["epoch"] for r in read_log(out)] == [0]
+    kept = [n for n in os.listdir(out) if n.startswith("log-") and n.endswith(".jsonl")]
+    assert len(kept) == 1 and [r["epoch"] for r in read_log(out, kept[0])] == [0, 1, 2]
+
+
+def write_folder_dataset(root, train_size, test_size):
+    """A folder dataset of two training and one test image, of the given (width, height)."""
+    for split, size, names in (("training", train_size, "ab"), ("test", test_size, "c")):
+        for folder in ("images", "labels"):
+            os.makedirs(root / split / folder, exist_ok=True)
+        for name in names:
+            Image.new("RGB", size, (150, 80, 40)).save(root / split / "images" / f"{name}.png")
+            label = np.zeros(size[::-1], dtype=np.uint8)
+            label[:, size[0] // 2] = 255
+            Image.fromarray(label).save(root / split / "labels" / f"{name}.png")
+
+
+def test_images_smaller_than_the_network_are_refused(tmp_path):
+    root = tmp_path / "data"
+    write_folder_dataset(root, (64, 64), (10, 10))
+    common = ["--dataset", "folder", "--data-path", root, "--fov", "all", "--output-dir", tmp_path / "o",
+              "--epochs", 1, *TINY_TRAIN]
+    message = r"image '.*c.png' is 10x10 pixels, smaller than the 16x16 the unet model needs"
+    with pytest.raises(UserError, match=message):
+        train.main(parse(*common))
+    weights = tmp_path / "w.pth"
+    torch.save({"model": src.build_model("unet", 2, 4).state_dict(), "args": {"num_classes": 1, "base_c": 4}}, weights)
+    with pytest.raises(UserError, match=message):
+        train.main(parse(*common, "--test-only", "--weights", weights))
+
+
+def test_an_all_black_fov_mask_is_named_not_blamed_on_the_lr(drive_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(drive_root, root)
+    mask = root / "DRIVE/training/mask/22_training_mask.gif"
+    Image.new("L", Image.open(mask).size, 0).save(mask)
+    with pytest.raises(UserError, match=r"the FOV mask '.*22_training_mask.gif' of image '.*22_training.tif' holds no"):
+        train.main(parse("--data-path", root, "--output-dir", tmp_path / "o", "--epochs", 1, *TINY_TRAIN))

@@ -10,7 +10,9 @@ import argparse
 import io
 import os
 import pickle
+import pickletools
 import random
+import zipfile
 
 import numpy as np
 import torch
@@ -19,7 +21,7 @@ import src
 
 from . import distributed_utils as utils
 from .errors import UserError
-from .files import atomic_write
+from .files import atomic_write, require_free_space
 from .settings import DRIVE_MEAN, DRIVE_STD, MODEL_KEYS
 
 
@@ -60,19 +62,42 @@ def safe_load(path, map_location="cpu", what="checkpoint"):
     ``weights_only=True`` makes the unpickler reject every object that could run
     code, before it runs; the refusal names the file.
     """
+    if os.path.isdir(path):
+        inside = [n for n in ("checkpoint.pth", "best_model.pth") if os.path.isfile(os.path.join(path, n))]
+        raise UserError(f"{what} '{path}' is a folder: name the file in it"
+                        + (f" ({' or '.join(inside)})" if inside else ""))
     if not os.path.isfile(path):
         raise UserError(f"{what} '{path}' not found")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{what} '{path}' is an empty file")
     try:
         # The tutorial pickled its argparse.Namespace into every checkpoint: allow that class and nothing else.
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        if not (zipfile.is_zipfile(path) or _is_pickle(path)):
+            raise UserError(f"'{path}' is not a readable PyTorch {what}: neither a zip archive nor a pickle "
+                            "(a corrupt or truncated file?)") from None
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
         raise UserError(f"refusing to load '{path}': it holds objects other than tensors and plain data, "
                         f"which could run code ({reason})") from None
     except Exception as e:  # noqa: BLE001 - torch raises many kinds (KeyError, RuntimeError, EOFError, ...) for junk
         raise UserError(f"'{path}' is not a readable PyTorch {what} ({' '.join(str(e).split())[:200]})") from None
+
+
+def _is_pickle(path):
+    """Whether ``path`` starts with a well-formed pickle: read opcode by opcode, nothing is run or built.
+
+    Told apart (with zip archives, torch's format) so that a file of random
+    bytes, which ``weights_only`` also rejects, is called corrupt rather than dangerous.
+    """
+    try:
+        with open(path, "rb") as f, open(os.devnull, "w") as sink:
+            pickletools.dis(f, out=sink)
+        return True
+    except Exception:  # noqa: BLE001 - any failure to parse means "not a pickle"
+        return False
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -168,6 +193,35 @@ def save_epoch(output_dir, model, optimizer, lr_scheduler, scaler, epoch, best_d
     elif not settings.save_best:
         save_checkpoint(state, os.path.join(output_dir, f"model_{epoch}.pth"))
     save_checkpoint(state, os.path.join(output_dir, "checkpoint.pth"))
+
+
+# Per-parameter state tensors each optimiser keeps, which its checkpoint stores: SGD's momentum buffer, the two
+# moments of Adam(W).
+OPTIMIZER_STATE_COPIES = {"SGD": 1, "Adam": 2, "AdamW": 2}
+
+
+def checkpoint_bytes(model, optimizer):
+    """About the size of a checkpoint of ``model`` trained by ``optimizer``: the state dict, the optimiser's
+    per-parameter state, and a margin (10 %, and 1 MiB for the settings, the RNG states and the archive)."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    params = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
+    copies = OPTIMIZER_STATE_COPIES.get(type(optimizer).__name__, 2)
+    return int(1.1 * (state + copies * params)) + 2 ** 20
+
+
+def require_checkpoint_space(output_dir, model, optimizer, save_best, epoch):
+    """Before the first epoch: a ``UserError`` unless ``output_dir`` has room for the checkpoints it writes.
+
+    That is one checkpoint for each of the first epoch's files that does not
+    exist yet (``checkpoint.pth``, and ``best_model.pth`` or ``model_<epoch>.pth``),
+    at least one: rewriting a file needs room for its temporary copy.
+    """
+    names = ["checkpoint.pth", "best_model.pth" if save_best else f"model_{epoch}.pth"]
+    new = [n for n in names if not os.path.exists(os.path.join(output_dir, n))]
+    size = checkpoint_bytes(model, optimizer)
+    count = max(1, len(new))
+    require_free_space(output_dir, count * size,
+                       f"{count} checkpoint{'s' * (count > 1)} of this model (about {size / 2 ** 20:.1f} MiB each)")
 
 
 def gather_rng_states():

@@ -85,9 +85,41 @@ def _decode(path, convert):
         raise UserError(f"cannot decode image '{path}': {e}") from None
 
 
+def _wide_grey(im):
+    """The pixels of a one-channel image stored with more than 8 bits, as int64, or None for any other image.
+
+    16-bit files (Pillow's 'I;16' modes, and 'I' for a PNG, which has no
+    32-bit pixels) are read; 32-bit integer and floating-point pixels have no
+    one faithful 8-bit reading, and raise a ``ValueError`` that says so.
+    """
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):
+        return np.array(im).astype(np.int64)
+    if im.mode in ("I", "F"):
+        kind = "32-bit integer" if im.mode == "I" else "floating-point"
+        raise ValueError(f"its pixels are {kind} (mode {im.mode}), which cannot be read as 8-bit without guessing "
+                         "their range; save it with 8 or 16 bits per channel")
+    return None
+
+
+def _scaled_16_bit(values):
+    """16-bit levels 0..65535 as 8-bit 0..255 (rounded v / 257): scaled by the bit depth, never clipped."""
+    return ((values * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _photograph(im, mode):
+    wide = _wide_grey(im)
+    if wide is not None:  # Pillow's convert() would clip 16-bit levels to 255: scale them instead
+        im = Image.fromarray(_scaled_16_bit(wide))
+    return np.array(im.convert(mode))
+
+
 def read_image(path, mode):
-    """Decode an image file into a numpy array of the given PIL mode ('RGB' or 'L'), closing the file."""
-    return _decode(path, lambda im: np.array(im.convert(mode)))
+    """Decode an image file into a numpy array of the given PIL mode ('RGB' or 'L'), closing the file.
+
+    A 16-bit grey image is scaled to 8 bits by its bit depth (16-bit colour
+    Pillow reads as 8-bit itself); 32-bit and floating-point images are refused.
+    """
+    return _decode(path, lambda im: _photograph(im, mode))
 
 
 def image_size(path):
@@ -118,9 +150,18 @@ def _check_shape(arr, path, img_path, shape):
     return arr
 
 
+def _grey_levels(im):
+    """A label's or mask's grey levels, uint8 [H, W]: Pillow's 'L' conversion, except that a 16-bit file keeps
+    levels that fit in 8 bits as they are (0/1, 0/255) and is scaled by its bit depth otherwise (0/65535)."""
+    wide = _wide_grey(im)
+    if wide is None:
+        return np.array(im.convert("L"))
+    return wide.astype(np.uint8) if wide.max() <= 255 else _scaled_16_bit(wide)
+
+
 def read_binary(path, img_path, shape):
     """A label or FOV mask as a bool map, checked to be the size (H, W) of its image ``img_path``."""
-    return _check_shape(binary_from_gray(read_image(path, "L")), path, img_path, shape)
+    return _check_shape(binary_from_gray(_decode(path, _grey_levels)), path, img_path, shape)
 
 
 def _class_indices(im):
@@ -147,39 +188,109 @@ def _grey_palette(im):
     return bool((colours[:, 0] == colours[:, 1]).all() and (colours[:, 1] == colours[:, 2]).all())
 
 
+# How far apart the channels of a grey label may be (a grey drawing saved as an RGB JPEG); colours differ by more.
+GREY_TOLERANCE = 16
+
+
 def _label_values(im, num_classes):
-    """(values, are class indices): grey levels for a one-class label, as the tutorial reads DRIVE's GIFs;
-    class indices for more classes, and for colour-palette images (the VOC convention) always."""
-    if num_classes == 1 and not (im.mode == "P" and not _grey_palette(im)):
-        return np.array(im.convert("L")), False
-    return _class_indices(im), True
+    """(values, kind): for a one-class label its "grey" levels, as the tutorial reads DRIVE's GIFs, or its
+    "colour" RGB pixels when it is in colour; otherwise (more classes, and colour-palette images, the VOC
+    convention) the class "indices"."""
+    if num_classes > 1 or (im.mode == "P" and not _grey_palette(im)):
+        return _class_indices(im), "indices"
+    if len(im.getbands()) >= 3:
+        rgb = np.array(im.convert("RGB"))
+        if int((rgb.max(axis=2) - rgb.min(axis=2)).max()) > GREY_TOLERANCE:
+            return rgb, "colour"
+    return _grey_levels(im), "grey"
+
+
+ONE_CLASS_RULE = ("with --num-classes 1 a label is grey, 0/255 (grey edges allowed) or 0/1 (255 = ignored), or a "
+                  "palette PNG of class indices; class indices 0..K need --num-classes K")
 
 
 def read_label(path, img_path, shape, num_classes=1):
     """A label file as uint8 class indices [H, W], 255 = ignored.
 
-    One foreground class (``num_classes=1``): 0/255 images (also 0/1; grey
-    interpolated edges split at 128), or 0/1 with 255 ignored. More classes
-    (or a colour palette): class-index or palette images holding
-    0..num_classes, and 255 for ignored pixels.
+    One foreground class (``num_classes=1``): grey 0/255 images (also 0/1;
+    grey soft edges split at 128, see ``_soft_edges``), or 0/1 with 255
+    ignored; a colour image, or other grey levels, is a ``UserError`` naming
+    the values found. More classes (or a colour palette): class-index or
+    palette images holding 0..num_classes, and 255 for ignored pixels.
     """
     try:
-        values, indices = _decode(path, lambda im: _label_values(im, num_classes))
+        values, kind = _decode(path, lambda im: _label_values(im, num_classes))
     except UserError as e:
         if "a label must be" in str(e):
             raise UserError(f"label '{path}': {str(e).split(': ', 1)[1]}") from None
         raise
+    if kind == "colour":
+        raise UserError(f"label '{path}' is in colour ({_listed_colours(values)}): {ONE_CLASS_RULE}")
     _check_shape(values, path, img_path, shape)
     present = set(np.unique(values).tolist())
-    if num_classes == 1 and not indices:
+    if kind == "grey":
         if 1 in present and present <= {0, 1, IGNORE_INDEX}:
             return values.astype(np.uint8)
+        if not present <= {0, 255} and not _soft_edges(values):
+            raise UserError(f"label '{path}' holds the grey levels {_listed(sorted(present))}: {ONE_CLASS_RULE}")
         return binary_from_gray(values).astype(np.uint8)
     bad = sorted(v for v in present if v > num_classes and v != IGNORE_INDEX)
     if bad:
         raise UserError(f"label '{path}' holds class {bad[0]}, but --num-classes {num_classes} allows "
                         f"0..{num_classes} (and {IGNORE_INDEX} for ignored pixels)")
     return values.astype(np.uint8)
+
+
+# A grey level is a tone of a label when its uniform 3x3 blocks cover more than this share of the image (and
+# 8 blocks): soft edges, however made, cover less than 0.03 %. Tones this close are one (JPEG shifts levels).
+REGION_SHARE = 0.001
+TONE_SPREAD = 8
+
+
+def _soft_edges(grey):
+    """Whether the levels of a grey label can be a two-tone drawing with soft edges (resized, anti-aliased,
+    scanned or saved as JPEG) rather than classes of their own.
+
+    It needs light pixels (>= 128) and levels other than small class indices
+    (below 32, besides 255), and at most one dark and one light tone: a level
+    is a tone when it fills regions (its uniform 3x3 blocks cover more than
+    ``REGION_SHARE`` of the image); 0 and 255, a clean drawing's levels, also
+    as thin lines. Soft edges are a thin seam of varying levels.
+    """
+    counts = np.bincount(grey.ravel(), minlength=256)
+    if grey.max() < 128 or not counts[32:255].any():
+        return False
+    h, w = grey.shape
+    centre = grey[1:h - 1, 1:w - 1]
+    uniform = np.ones(centre.shape, dtype=bool)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            uniform &= grey[dy:h - 2 + dy, dx:w - 2 + dx] == centre
+    least = max(REGION_SHARE * grey.size, 8)
+    tones = np.bincount(centre[uniform], minlength=256) > least
+    tones[[0, 255]] |= counts[[0, 255]] > least
+    return all(_tone_count(side) <= 1 for side in (tones[:128], tones[128:]))
+
+
+def _tone_count(tones):
+    """How many tones the levels marked in ``tones`` make, levels within ``TONE_SPREAD`` of each other being one."""
+    levels = np.flatnonzero(tones)
+    return 0 if len(levels) == 0 else 1 + int((np.diff(levels) > TONE_SPREAD).sum())
+
+
+def _listed(levels, limit=8):
+    """``0, 1, 2`` or ``0, 3, 7, ... (187 levels)``."""
+    shown = ", ".join(str(v) for v in levels[:limit])
+    return shown + (f", ... ({len(levels)} levels)" if len(levels) > limit else "")
+
+
+def _listed_colours(rgb, limit=4):
+    """The most frequent colours of an RGB array: ``(0, 0, 0), (255, 0, 0), ... (57 colours)``."""
+    packed = rgb.reshape(-1, 3).astype(np.int32) @ np.array([1 << 16, 1 << 8, 1], dtype=np.int32)
+    colours, counts = np.unique(packed, return_counts=True)
+    top = colours[np.argsort(-counts, kind="stable")[:limit]]
+    shown = ", ".join(str((int(c) >> 16, int(c) >> 8 & 255, int(c) & 255)) for c in top)
+    return shown + (f", ... ({len(colours)} colours)" if len(colours) > limit else "")
 
 
 def palette_image(classes, colours, other=(0, 0, 0)):
@@ -279,14 +390,34 @@ def estimate_fov(image: np.ndarray, level: float = 0.1, grid: int = 256):
 
 
 def field_of_view(img, mask_path, img_path, fov="estimate"):
-    """The FOV of one photograph: its mask file, else estimated (as predict.py does) or everything."""
+    """The FOV of one photograph: its mask file, else estimated (as predict.py does) or everything.
+
+    An empty FOV is a ``UserError`` naming the file: an image with nothing to
+    score would make the training loss NaN.
+    """
     if mask_path is not None:
-        return read_binary(mask_path, img_path, img.shape[:2])
+        inside = read_binary(mask_path, img_path, img.shape[:2])
+        if not inside.any():
+            raise UserError(f"the FOV mask '{mask_path}' of image '{img_path}' holds no pixels (it is all black)")
+        return inside
     if fov == "all":
         return np.ones(img.shape[:2], dtype=bool)
     if fov == "masks":  # a dataset whose every image has a mask file (its registry entry says so)
         raise UserError(f"no FOV mask file for image '{img_path}'")
-    return estimate_fov(img)[0]
+    inside = estimate_fov(img)[0]
+    if not inside.any():
+        raise UserError(f"the FOV estimated for image '{img_path}' holds no pixels (is the photograph blank?); "
+                        "give FOV masks, or --fov all")
+    return inside
+
+
+def check_min_size(paths, min_side, model, sizes=None):
+    """A ``UserError`` naming the first image smaller than ``min_side`` pixels a side, the least the model
+    ``model`` can predict whole (its poolings would leave nothing of it); ``sizes``: their (width, height)."""
+    for path, (w, h) in zip(paths, sizes or (image_size(p) for p in paths)):
+        if min(w, h) < min_side:
+            raise UserError(f"image '{path}' is {w}x{h} pixels, smaller than the {min_side}x{min_side} the "
+                            f"{model} model needs (its size multiple); enlarge it or use larger images")
 
 
 def load_sample(img_path, label_path, mask_path, num_classes=1, fov="estimate"):

@@ -30,6 +30,8 @@ import math
 import os
 from typing import NamedTuple
 
+import src
+
 from .errors import UserError
 
 # The tutorial's DRIVE statistics (compute_mean_std.py) and sizes.
@@ -334,6 +336,9 @@ def check_values(v):
         raise UserError(f"--scale-range needs 0 < MIN <= MAX (got {lo:g} {hi:g})")
     if not 0 <= v["color_jitter"] < 1:
         raise UserError(f"--color-jitter must be in [0, 1) (got {v['color_jitter']})")
+    least = src.MODELS[v["model"]].size_multiple if v["model"] in src.MODELS else 1
+    if v.get("crop_size") is not None and v["crop_size"] < least:
+        raise UserError(f"--crop-size {v['crop_size']} is smaller than the {least} pixels the {v['model']} model needs")
 
 
 def shown_default(value):
