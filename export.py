@@ -47,6 +47,8 @@ PT2_META_FILE = "model.json"
 # Largest difference from PyTorch accepted by the check, relative to the logits' magnitude (float32 rounding
 # differs between runtimes by ~1e-7 of it).
 CHECK_TOLERANCE = 1e-4
+# Settings that name files of the training machine: a --format pth file leaves them out.
+LOCAL_PATH_KEYS = ("data_path", "output_dir", "resume", "pretrained_backbone")
 
 
 def resolve_format(args, weights):
@@ -161,13 +163,14 @@ def export_pt2(net, meta, tmp, check):
 
 
 def export_half_checkpoint(weights, tmp, check):
-    """A checkpoint of the model alone (no optimiser state), its floating-point tensors stored in float16:
-    a quarter of a training checkpoint's size. It loads as any checkpoint (into float32 parameters). The
+    """A checkpoint of the model alone (no optimiser state, no paths of the training machine), its
+    floating-point tensors stored in float16: a quarter of a training checkpoint's size. It loads as any checkpoint (into float32 parameters). The
     check compares the float16 model's predicted classes with the original's on a random input."""
     ckpt = load_checkpoint(weights)
     state = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    torch.save({"model": state, "args": ckpt["args"], "epoch": ckpt.get("epoch"),
-                "best_dice": ckpt.get("best_dice")}, tmp)
+    # The folders of the machine it was trained on mean nothing elsewhere (and may name private places).
+    args = {k: v for k, v in ckpt["args"].items() if k not in LOCAL_PATH_KEYS}
+    torch.save({"model": state, "args": args, "epoch": ckpt.get("epoch"), "best_dice": ckpt.get("best_dice")}, tmp)
     if check:
         original, _, _ = model_from_checkpoint(weights)
         half, _, _ = model_from_checkpoint(tmp)

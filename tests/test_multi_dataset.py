@@ -170,6 +170,20 @@ def test_training_on_three_datasets_reports_each_and_their_mean(three_datasets, 
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "pred" / "photo.png").size == (170, 150)
 
+    # export.py --format pth: the model alone in float16, without the training machine's folders; it predicts
+    # the same mask.
+    r = run_script("export.py", "--weights", out / "checkpoint.pth", "--format", "pth", "--output", tmp_path / "m.pth")
+    assert r.returncode == 0, r.stderr
+    half = safe_load(str(tmp_path / "m.pth"))
+    assert set(half) == {"model", "args", "epoch", "best_dice"} and "data_path" not in half["args"]
+    assert half["args"]["fov_diameter"] == 48
+    assert {v.dtype for v in half["model"].values()} <= {torch.float16, torch.int64}
+    r = run_script("predict.py", "--weights", tmp_path / "m.pth", "--img", tmp_path / "photo.png",
+                   "--output-dir", tmp_path / "pred16", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    a, b = (np.array(Image.open(tmp_path / d / "photo.png")) for d in ("pred", "pred16"))
+    assert (a != b).mean() < 0.01
+
 
 @pytest.mark.parametrize("extra, message", [
     (["--data-path", "a"], r"--data-path needs one folder per --dataset: got 2 dataset\(s\) and 1 folder\(s\)"),
