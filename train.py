@@ -197,6 +197,7 @@ def build_data_loaders(s, proc, device):
     if utils.is_main_process():
         prepare_output_dir(s.output_dir)  # --test-only too: test_metrics.csv goes there
     train_parts, val_parts = build_datasets(s)
+    check_min_size([p for _, ds in val_parts for p in ds.img_list], src.model_spec(s.model).size_multiple, s.model)
     pin = device.type == "cuda"
     # Every pass over a DataLoader draws a seed for its workers from the loader's generator, or from the global
     # RNG when it has none: a private one keeps validation out of training's random stream, so how often a run
@@ -260,8 +261,6 @@ def main(args):
 
     # 1. Data
     train_loader, val_loaders = build_data_loaders(s, proc, device)
-    check_min_size([p for _, loader in val_loaders for p in loader.dataset.img_list],
-                   src.model_spec(s.model).size_multiple, s.model)
 
     # 2. Model (a resumed run takes its weights from the checkpoint: no backbone file needed)
     model = create_model(num_classes, s.base_c, s.model, "" if checkpoint else s.pretrained_backbone).to(device)
