@@ -244,3 +244,13 @@ def test_missing_or_corrupt_shipped_model_is_a_clear_error(tmp_path, monkeypatch
     spec.loader.exec_module(hubconf)
     with pytest.raises(UserError, match=re.escape(str(path))):
         hubconf.unet_vessels()
+
+
+def test_export_exports_the_shipped_model(tmp_path):
+    r = run_script("export.py", "--weights", cli.SHIPPED_WEIGHTS, "--format", "pt2", "--output", tmp_path / "m.pt2")
+    assert r.returncode == 0, r.stderr
+    assert "the model expects photographs resized so that their field of view is" in r.stdout
+    extra = {"model.json": ""}
+    torch.export.load(str(tmp_path / "m.pt2"), extra_files=extra)
+    meta = json.loads(extra["model.json"])
+    assert meta["fov_diameter"] == safe_load(cli.SHIPPED_WEIGHTS)["args"]["fov_diameter"] > 0
