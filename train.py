@@ -142,8 +142,8 @@ def build_datasets(s):
     """([(dataset name, training dataset)], empty under --test-only; [(dataset name, validation dataset)]).
 
     Validation is each dataset's test split (the tutorial's protocol) or its
-    held-out training images of ``s.val_images`` (``--val-split N``,
-    ``--val-images``). Validation images keep their own size: with
+    held-out training images (``split_training_images``: ``--val-split``'s
+    choice, or the images ``--val-images`` names). Validation images keep their own size: with
     ``--fov-diameter`` only the photograph is rescaled, and the prediction is
     scored at the label's size.
     """
@@ -161,13 +161,10 @@ def build_datasets(s):
                 raise UserError(f"{where} has no test images to evaluate")
             val_parts.append((source.name, VesselDataset(test, eval_tf, resize_target=False, **kw)))
             continue
-        train = dataset_files(source.name, source.path, "training")
-        if not train:
-            raise UserError(f"{where} has no training images")
-        held_names = [os.path.basename(t.image) for t in train if os.path.basename(t.image) in (s.val_images or ())]
+        train, held_names = split_training_images(source, s.as_dict())
         if held_names:
-            val = [t for t in train if os.path.basename(t.image) in held_names]
-            train = [t for t in train if os.path.basename(t.image) not in held_names]
+            val = [t for t in dataset_files(source.name, source.path, "training")
+                   if os.path.basename(t.image) in held_names]
             say(f"validation: {len(val)} held-out training images ({', '.join(held_names)}); "
                 f"the test split is left for --test-only")
         else:

@@ -185,6 +185,26 @@ def test_training_on_three_datasets_reports_each_and_their_mean(three_datasets, 
     assert (a != b).mean() < 0.01
 
 
+def test_val_images_and_val_split_combine_across_datasets(three_datasets):
+    """DRIVE's archive has no held-out split of its training images: --val-images names DRIVE's, while
+    --val-split holds out a seeded choice of the others (0: DRIVE's own count)."""
+    import train
+    from train_utils.settings import Machine, resolve_settings
+
+    named = [os.path.basename(t.image) for t in dataset_files("drive", three_datasets["drive"], "training")][1::2]
+    argv = ["--dataset", *three_datasets, "--data-path", *three_datasets.values(), "--val-split", "0", "2", "3",
+            "--val-images", *named]
+    args = train.parse_args(train.get_args_parser(), argv)
+    s = resolve_settings(args, None, Machine("cpu", False), train.dataset_facts)
+    train_parts, val_parts = train.build_datasets(s)
+    held = {name: [os.path.basename(p) for p in ds.img_list] for name, ds in val_parts}
+    assert held["drive"] == named and len(named) == 2
+    assert len(held["chase_db1"]) == 2 and len(held["stare"]) == 3
+    for (name, tr), (_, val) in zip(train_parts, val_parts):
+        assert not set(tr.img_list) & set(val.img_list)
+        assert len(tr) + len(val) == len(dataset_files(name, three_datasets[name], "training"))
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--data-path", "a"], r"--data-path needs one folder per --dataset: got 2 dataset\(s\) and 1 folder\(s\)"),
     (["--data-path", "a", "b", "--val-split", "1", "2", "3"], r"--val-split takes one N, or one per dataset \(2\); got 3"),
