@@ -9,7 +9,8 @@
 
 Without ``--weights`` it uses ``save_weights/best_model.pth``, else
 ``save_weights/demo/best_model.pth`` (what ``train.py --demo`` writes), so the
-first example writes ``predictions/01_test.png``.
+first example writes ``predictions/01_test.png``; on a fresh clone, the
+model shipped in ``weights/`` (docs/model_card.md).
 
 For each input ``<stem>.<ext>`` it writes ``<stem>.png`` in ``--output-dir``
 (or, for one image, ``--output FILE.png``): 0/255 with 255 where the
@@ -22,7 +23,8 @@ The FOV comes from ``--roi-mask`` (a file, or a folder of DRIVE-named masks:
 ``NN_test_mask.gif`` for ``NN_test.tif``) or, without it, is estimated from
 the photograph's dark border.
 
-The model, its class count and its normalisation come from the checkpoint.
+The model, its class count, its normalisation and its FOV scale
+(``--fov-diameter``) come from the checkpoint.
 ``--weights model.onnx`` (written by ``export.py``) runs the exported model with
 onnxruntime on the CPU instead, with the same outputs.
 Images larger than ``--tile-size`` are predicted in overlapping tiles blended
