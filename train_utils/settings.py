@@ -83,7 +83,7 @@ DEMO = dict(data_path="data/synthetic", output_dir="save_weights/demo", epochs=3
 DEMO_DATA = dict(num_train=20, num_test=5, height=128, width=124, seed=0)
 
 # What a checkpoint decides. Its model, always (the tutorial saved no model name or width: its model is
-# the U-Net with base_c=32); mean/std only when it holds them.
+# the U-Net with base_c=32); mean/std and the FOV scale (--fov-diameter) only when it holds them.
 MODEL_KEYS = {"model": "unet", "num_classes": 1, "base_c": 32}
 CARRIED_KEYS = tuple(MODEL_KEYS) + ("mean", "std", "fov_diameter")
 # A resumed run also keeps its held-out validation images.
