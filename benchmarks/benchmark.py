@@ -9,6 +9,8 @@ and the dice against wall time of the two recipes (``--mode recipes``).
     python benchmarks/benchmark.py --mode allocators           # one training step under each memory allocator
     python benchmarks/benchmark.py --mode precision -b 4 --crop-size 256 --opt adamw   # float32 / bfloat16 step
     python benchmarks/benchmark.py --mode recipes --data-path ROOT --plot docs/recipes.png   # --recipe fast vs tutorial
+    python benchmarks/benchmark.py --mode photos               # the fast recipe's epoch on large photographs
+    python benchmarks/benchmark.py --mode compile              # each recipe's step eager and under torch.compile
 
 ``--mode epoch`` runs whole processes, one configuration at a time, each as
 a user would start it: (a) is ``benchmarks/reference.py``, the tutorial's
@@ -43,6 +45,25 @@ the dice target and the time of the tutorial's 25 epochs marked. It prints a
 markdown table (final dice and AUC of the last epoch's model, time to reach
 the target) and writes it with every point to ``--json``.
 
+``--mode photos`` trains ``--recipe fast`` as train.py does on this CPU (its
+precision, width and memory format; no loader processes) on synthetic
+photographs of each ``--photo-sizes`` (CHASE_DB1's 960 x 999 and HRF's
+2336 x 3504 by default), ``--images`` of them, 4 crops each per epoch, one
+fresh process per geometry sampler, interleaved: ``chain`` resizes and
+rotates the whole photograph, then crops (the preset with
+``crop_first=False``: whole-image transforms one after the other, as the
+tutorial's preset runs them), ``crop-first`` is train.py's, and
+``crop-first+worker`` adds one loader process. It prints the steady epoch
+(epochs after the first), the seconds the steps waited for data, their share
+of the epoch, and ratios against the first sampler.
+
+``--mode compile`` times each recipe's training step on this CPU (the
+tutorial's; the fast recipe's at the precision and width train.py gives it
+here) eager and under ``torch.compile``, from the same weights and batch: the
+steady step, the extra time of the first (compilation), the steps it takes to
+pay that back, and the largest relative difference between the two runs'
+losses.
+
 This is a benchmark, not a test: it prints numbers and ratios.
 """
 import argparse
@@ -66,7 +87,8 @@ from train_utils.allocator import find_mimalloc, find_tcmalloc  # noqa: E402
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="epoch", choices=["epoch", "allocators", "precision", "recipes"])
+    parser.add_argument("--mode", default="epoch", choices=["epoch", "allocators", "precision", "recipes", "photos",
+                                                            "compile"])
     parser.add_argument("--data-path", default=None,
                         help="folder that holds DRIVE/ (default: synthetic 584x565 images in a temp folder)")
     parser.add_argument("--configs", nargs="+", default=["a", "b"],
@@ -95,7 +117,15 @@ def get_args_parser():
                         help=argparse.SUPPRESS)  # synthetic image size; the tests make it tiny
     parser.add_argument("--opt", default="sgd", choices=["sgd", "adamw"],
                         help="--mode allocators / precision: the optimiser of the timed step (adamw: the fast recipe's)")
+    parser.add_argument("--photo-sizes", nargs="+", default=["960x999", "2336x3504"], metavar="HxW",
+                        help="--mode photos: synthetic photograph sizes (default CHASE_DB1's and HRF's)")
+    parser.add_argument("--samplers", nargs="+", default=["chain", "crop-first"],
+                        help="--mode photos: chain (whole-image resize and rotation, then the crop), crop-first "
+                             "(train.py's), crop-first+worker (one loader process)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-epochs", default=None, help=argparse.SUPPRESS)  # a photos child: its data folder
+    parser.add_argument("--child-sampler", default="crop-first", help=argparse.SUPPRESS)
+    parser.add_argument("--child-compile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-dtype", default="float32", choices=["float32", "bfloat16"], help=argparse.SUPPRESS)
     parser.add_argument("--child-channels-last", action="store_true", help=argparse.SUPPRESS)
     return parser
@@ -216,17 +246,22 @@ def step_child(args):
         model = model.to(memory_format=torch.channels_last)
         image = image.contiguous(memory_format=torch.channels_last)
     bf16 = args.child_dtype == "bfloat16"
+    step_model = torch.compile(model) if args.child_compile else model
+    losses = []
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(image)["out"]
+            logits = step_model(image)["out"]
             loss = criterion({"out": logits}, target, weight, num_classes=2, ignore_index=255)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        losses.append(loss.item())
         return logits
 
-    logits = step()  # warm-up: the optimizer's buffers, the first touch of everything
+    t = time.perf_counter()
+    logits = step()  # warm-up: the optimizer's buffers, the first touch of everything (and compilation)
+    first = time.perf_counter() - t
     times = []
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(args.steps):
@@ -236,7 +271,7 @@ def step_child(args):
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"step_s": statistics.median(times), "sys_s": (r1.ru_stime - r0.ru_stime) / args.steps,
                       "faults": (r1.ru_minflt - r0.ru_minflt) / args.steps, "peak_mb": r1.ru_maxrss / 1024,
-                      "logits": str(logits.dtype).replace("torch.", ""),
+                      "logits": str(logits.dtype).replace("torch.", ""), "first_s": first, "losses": losses,
                       "channels_last": logits.is_contiguous(memory_format=torch.channels_last)}))
 
 
@@ -302,6 +337,182 @@ def run_precisions(args):
         peak = statistics.median(x["peak_mb"] for x in samples[label])
         print(f"| {dtype} | {layout} | {med:.2f} ({min(steps):.2f}-{max(steps):.2f}) | {base / med:.2f}x | "
               f"{peak:.0f} |")
+    return samples
+
+
+# ---------------------------------------------------------------------------
+# --mode photos
+
+
+class WaitTimed:
+    """A data loader that adds up how long its consumer waited for each batch (``wait``, seconds)."""
+
+    def __init__(self, loader):
+        self.loader, self.wait = loader, 0.0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        it = iter(self.loader)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.wait += time.perf_counter() - t
+            yield batch
+
+
+def photos_child(args):
+    """``--epochs`` training epochs of ``--recipe fast`` on the photographs under ``--child-epochs`` (a folder
+    holding DRIVE/), in this process, as train.py runs them on this CPU (its precision, width and memory
+    format; the dataset's base size is the photographs' shorter side), with the geometry of ``--child-sampler``.
+    Prints one JSON line: each epoch's seconds and how many of them its steps waited for data."""
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler
+
+    import src
+    from my_dataset import RepeatDataset, VesselDataset, dataset_files
+    from train_utils.precision import cpu_has_native_bf16
+    from train_utils.settings import RECIPES, default_channels_last, fast_width
+    from train_utils.train_and_eval import build_optimizer, create_lr_scheduler, train_one_epoch
+    from train_utils.transforms import SegmentationPresetTrain
+
+    torch.manual_seed(0)
+    fast = RECIPES["fast"]
+    bf16 = cpu_has_native_bf16()
+    channels_last = default_channels_last("cpu", "bfloat16" if bf16 else None)
+    samples = dataset_files("drive", args.child_epochs, "training")
+    train = VesselDataset(samples)
+    base = int(statistics.median(min(img.shape[-2:]) for img, _ in train._cache))
+    train.transforms = SegmentationPresetTrain(base, fast["crop_size"], rotate=fast["rotate"],
+                                               color_jitter=fast["color_jitter"],
+                                               crop_first=args.child_sampler.startswith("crop-first"))
+    dataset = RepeatDataset(train, fast["crops_per_image"])
+    workers = 1 if args.child_sampler.endswith("+worker") else 0
+    loader = WaitTimed(DataLoader(dataset, batch_size=fast["batch_size"], sampler=RandomSampler(dataset),
+                                  num_workers=workers, persistent_workers=workers > 0,
+                                  collate_fn=VesselDataset.collate_fn))
+    model = src.build_model("unet", num_classes=2, base_c=fast_width(bf16))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model.parameters(), "adamw", fast["lr"], 0.9, fast["weight_decay"])
+    lr_scheduler = create_lr_scheduler(optimizer, len(loader), args.epochs, schedule="cosine")
+    step_model = torch.compile(model) if args.child_compile else model
+    epochs = []
+    for epoch in range(args.epochs):
+        loader.wait, t = 0.0, time.perf_counter()
+        loss, _ = train_one_epoch(step_model, optimizer, loader, torch.device("cpu"), epoch, lr_scheduler,
+                                  print_freq=10 ** 6, num_classes=2, amp_dtype=torch.bfloat16 if bf16 else None,
+                                  channels_last=channels_last)
+        epochs.append({"epoch_s": time.perf_counter() - t, "data_s": loader.wait, "loss": loss})
+    print(json.dumps({"epochs": epochs, "steps": len(loader), "base_size": base, "width": fast_width(bf16),
+                      "dtype": "bfloat16" if bf16 else "float32",
+                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def train_py_env():
+    """The environment train.py gives itself: this machine's default allocator preloaded."""
+    from train_utils.allocator import choose
+    name, lib = choose("auto")
+    return clean_env(**({"LD_PRELOAD": lib} if lib else {})), name
+
+
+def run_photos(args):
+    """The fast recipe's steady training epoch and its data share on synthetic photographs of each size, for
+    each geometry sampler, fresh processes interleaved; ratios against the first sampler."""
+    from train_utils.synthetic import write_synthetic_drive
+
+    env, allocator = train_py_env()
+    print(f"allocator {allocator}; {args.images} training images x 4 crops of 256 per epoch; epochs 2..{args.epochs} "
+          "timed (the first warms up)", flush=True)
+    samples = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.photo_sizes:
+            h, w = (int(v) for v in size.lower().split("x"))
+            root = write_synthetic_drive(os.path.join(tmp, size), num_train=args.images, num_test=0, height=h,
+                                         width=w, seed=0)
+            for r in range(args.rounds):
+                for sampler in (args.samplers if r % 2 == 0 else args.samplers[::-1]):
+                    argv = [sys.executable, os.path.abspath(__file__), "--child", "--child-epochs", root,
+                            "--child-sampler", sampler, "--epochs", str(args.epochs)]
+                    _, _, out = run_measured(argv, env)
+                    sample = json.loads(out.strip().splitlines()[-1])
+                    samples.setdefault(size, {}).setdefault(sampler, []).append(sample)
+                    steady = sample["epochs"][1:]
+                    print(f"round {r + 1} {size} {sampler}: epochs {[round(e['epoch_s'], 2) for e in steady]} s, "
+                          f"waited for data {[round(e['data_s'], 2) for e in steady]} s", flush=True)
+    first = samples[args.photo_sizes[0]][args.samplers[0]][0]
+    print(f"\n{first['dtype']}, width {first['width']}, {first['steps']} steps of 4 crops per epoch")
+    print(f"| photographs | geometry | epoch (s), median (range) | waited for data (s / epoch) | data share | "
+          f"speed-up vs {args.samplers[0]} | peak RSS (MB) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for size in args.photo_sizes:
+        def epochs(sampler):
+            return [e for x in samples[size][sampler] for e in x["epochs"][1:]]
+        base = statistics.median(e["epoch_s"] for e in epochs(args.samplers[0]))
+        for sampler in args.samplers:
+            times = [e["epoch_s"] for e in epochs(sampler)]
+            data = statistics.median(e["data_s"] for e in epochs(sampler))
+            med = statistics.median(times)
+            peak = statistics.median(x["peak_mb"] for x in samples[size][sampler])
+            print(f"| {size.replace('x', ' x ')} | {sampler} | {med:.2f} ({min(times):.2f}-{max(times):.2f}) | "
+                  f"{data:.2f} | {100 * data / med:.1f}% | {base / med:.2f}x | {peak:.0f} |")
+    return samples
+
+
+# ---------------------------------------------------------------------------
+# --mode compile
+
+
+def compile_configs(bf16_hardware):
+    """(label, step_child flags) of each recipe's training step on this CPU: the tutorial's, and the fast recipe's
+    at the precision and width train.py gives it here."""
+    from train_utils.settings import fast_width
+    configs = [("tutorial: float32, width 32, 4 crops of 480, SGD",
+                ["-b", "4", "--crop-size", "480", "--base-c", "32", "--opt", "sgd"])]
+    if bf16_hardware:
+        configs.append((f"fast: bfloat16, width {fast_width(True)}, channels_last, 4 crops of 256, AdamW",
+                        ["-b", "4", "--crop-size", "256", "--base-c", str(fast_width(True)), "--opt", "adamw",
+                         "--child-dtype", "bfloat16", "--child-channels-last"]))
+    else:
+        configs.append((f"fast: float32, width {fast_width(False)}, 4 crops of 256, AdamW",
+                        ["-b", "4", "--crop-size", "256", "--base-c", str(fast_width(False)), "--opt", "adamw"]))
+    return configs
+
+
+def run_compile(args):
+    """Each recipe's training step eager and under torch.compile (inductor), fresh processes interleaved, from
+    the same initial weights and batch: steady step time, the first step's extra time (compilation), the steps
+    it takes to pay for itself, and the largest difference between the two runs' losses."""
+    from train_utils.precision import cpu_has_native_bf16
+
+    env, allocator = train_py_env()
+    bf16 = cpu_has_native_bf16()
+    print(f"allocator {allocator}; bfloat16 hardware: {'yes' if bf16 else 'no'}; {args.steps} timed steps after "
+          "the first", flush=True)
+    runs = []
+    with tempfile.TemporaryDirectory() as cache:
+        # Inductor caches what it compiled; an empty cache per process times the compilation a first run pays.
+        for i, (label, flags) in enumerate(compile_configs(bf16)):
+            argv = [sys.executable, os.path.abspath(__file__), "--child", "--steps", str(args.steps), *flags]
+            fresh = dict(env, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, str(i)))
+            runs += [(f"{label}, eager", argv, env), (f"{label}, compiled", argv + ["--child-compile"], fresh)]
+        samples = run_step_children(runs, args.rounds)
+    print("\n| step | eager s / step | compiled s / step | speed-up | compilation (s) | pays off after (steps) | "
+          "first loss, relative difference | largest over the steps |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for label, _ in compile_configs(bf16):
+        eager, comp = samples[f"{label}, eager"], samples[f"{label}, compiled"]
+        e = statistics.median(x["step_s"] for x in eager)
+        c = statistics.median(x["step_s"] for x in comp)
+        extra = statistics.median(x["first_s"] for x in comp) - statistics.median(x["first_s"] for x in eager)
+        pays = f"{extra / (e - c):.0f}" if c < e else "never"
+        diffs = [[abs(a - b) / abs(a) for a, b in zip(x["losses"], y["losses"])] for x, y in zip(eager, comp)]
+        print(f"| {label} | {e:.3f} | {c:.3f} | {e / c:.2f}x | {extra:.0f} | {pays} | "
+              f"{max(d[0] for d in diffs):.1e} | {max(max(d) for d in diffs):.1e} |")
     return samples
 
 
@@ -411,7 +622,7 @@ def plot_recipes(runs, target, path):
 def main():
     args = get_args_parser().parse_args()
     if args.child:
-        return step_child(args)
+        return photos_child(args) if args.child_epochs else step_child(args)
     if args.epochs is None:
         args.epochs = 3 if args.device == "cpu" else 12
     if args.rounds < 1 or args.epochs < 2 or args.steps < 1 or args.tutorial_epochs < 1:
@@ -421,11 +632,15 @@ def main():
     unknown = set(args.configs) - {"a", "b", "b-glibc", "b-mimalloc", "b-tcmalloc"}
     if unknown:
         sys.exit(f"error: unknown --configs {sorted(unknown)}")
-    sizes = "" if args.mode == "recipes" else f", batch {args.batch_size}, crop {args.crop_size}, base_c {args.base_c}"
+    sizes = "" if args.mode in ("recipes", "photos", "compile") else f", batch {args.batch_size}, crop {args.crop_size}, base_c {args.base_c}"
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}, "
           f"mode {args.mode}, device {args.device}{sizes}", flush=True)
     if args.mode == "allocators":
         samples = run_allocators(args)
+    elif args.mode == "photos":
+        samples = run_photos(args)
+    elif args.mode == "compile":
+        samples = run_compile(args)
     elif args.mode == "precision":
         samples = run_precisions(args)
     elif args.mode == "recipes":

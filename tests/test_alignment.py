@@ -54,8 +54,9 @@ def label_offsets(img, target, vertical=True):
     return np.array(offsets)
 
 
+@pytest.mark.parametrize("crop_first", [False, True])
 @pytest.mark.parametrize("vertical", [True, False])
-def test_train_preset_keeps_labels_on_their_lines(vertical):
+def test_train_preset_keeps_labels_on_their_lines(vertical, crop_first):
     """Over many random scales (0.5x to 1.2x) and flips, a label sits under 0.1 px off its image on average.
 
     Per sample, the offset is the mean signed offset of its label lines (a flip mirrors its sign, so
@@ -64,7 +65,8 @@ def test_train_preset_keeps_labels_on_their_lines(vertical):
     tutorial's) keeps it on the line.
     """
     base = 240
-    preset = SegmentationPresetTrain(base_size=base, crop_size=int(1.2 * base) + 1)  # no crop: the whole image
+    # No crop: the whole image. crop_first: the same geometry sampled by RandomResizeRotateCrop (with no angle).
+    preset = SegmentationPresetTrain(base_size=base, crop_size=int(1.2 * base) + 1, crop_first=crop_first)
     img, target = line_images(base, vertical)
     sizes, means = set(), []
     for seed in range(12):
