@@ -632,7 +632,8 @@ def main():
     unknown = set(args.configs) - {"a", "b", "b-glibc", "b-mimalloc", "b-tcmalloc"}
     if unknown:
         sys.exit(f"error: unknown --configs {sorted(unknown)}")
-    sizes = "" if args.mode in ("recipes", "photos", "compile") else f", batch {args.batch_size}, crop {args.crop_size}, base_c {args.base_c}"
+    sizes = ("" if args.mode in ("recipes", "photos", "compile")
+             else f", batch {args.batch_size}, crop {args.crop_size}, base_c {args.base_c}")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}, "
           f"mode {args.mode}, device {args.device}{sizes}", flush=True)
     if args.mode == "allocators":

@@ -162,7 +162,8 @@ def _recipe_flags(recipe):
            "(then base_c 32, else 16), flip-averaged validation every 10 epochs, 50 epochs")
     recipe("--crops-per-image", dest="crops_per_image", type=int, metavar="N",
            help="random crops of every training image per epoch")
-    recipe("--rotate", dest="rotate", type=float, metavar="DEG", help="random rotation in [-DEG, DEG] degrees")
+    recipe("--rotate", dest="rotate", type=float, metavar="DEG",
+           help="random rotation in [-DEG, DEG] degrees (with the resize, flips and crop, sampled crop-first)")
     recipe("--color-jitter", dest="color_jitter", type=float, metavar="S",
            help="random brightness and contrast in [1-S, 1+S], gamma in [exp(-S), exp(S)]")
     recipe("--demo", dest="demo", action="store_true",
