@@ -173,9 +173,11 @@ def build_datasets(s):
                 raise UserError(f"{where} has no test images to validate on; hold out training images with "
                                 "--val-split N")
         train_tf = get_transform(True, s.mean, s.std, base_size=base, crop_size=s.crop_size, rotate=s.rotate,
-                                 color_jitter=s.color_jitter, scale_range=s.scale_range)
+                                 color_jitter=s.color_jitter, scale_range=s.scale_range, crop_first=s.crop_first)
         lo, hi = s.scale_range
-        say(f"training images: random resize of the shorter side to [{lo:g}, {hi:g}] x {base}, crop {s.crop_size}"
+        say(f"training images: random resize of the shorter side to [{lo:g}, {hi:g}] x {base}"
+            + (f", rotation within {s.rotate:g} degrees" if s.rotate else "") + f", crop {s.crop_size}"
+            + (" (sampled crop-first)" if s.crop_first else "")
             + (f", photographs rescaled to a FOV {s.fov_diameter} px across" if s.fov_diameter else ""))
         train_parts.append((source.name, VesselDataset(train, train_tf, **kw)))
         val_parts.append((source.name, VesselDataset(val, eval_tf, resize_target=False, **kw)))

@@ -241,3 +241,20 @@ def test_benchmark_photos_mode_times_both_samplers(tmp_path):
         assert all(0 <= e["data_s"] < e["epoch_s"] and math.isfinite(e["loss"]) for e in sample["epochs"])
     rows = [line for line in r.stdout.splitlines() if line.startswith("| 64 x 60 |")]
     assert len(rows) == 2 and "| chain |" in rows[0] and "| 1.00x |" in rows[0] and "| crop-first |" in rows[1]
+
+
+@pytest.mark.parametrize("flags, want, source", [
+    ([], False, "derived"), (["--recipe", "fast"], True, "derived"), (["--rotate", "30"], True, "derived"),
+    (["--recipe", "fast", "--no-crop-first"], False, "flag"), (["--crop-first"], True, "flag")])
+def test_crop_first_setting_and_the_datasets_geometry(drive_root, flags, want, source):
+    """--crop-first is decided with the other settings (on with a rotation) and reaches the training preset."""
+    import train
+    from train_utils.settings import Machine, resolve_settings
+    from train_utils.transforms import RandomResize
+
+    args = train.parse_args(train.get_args_parser(), ["--data-path", drive_root, *flags])
+    s = resolve_settings(args, None, Machine(default_device="cpu", cpu_bf16=False), train.dataset_facts)
+    assert (s.crop_first, s.source("crop_first")) == (want, source)
+    (_, train_set), = train.build_datasets(s)[0]
+    first = train_set.transforms.transforms.transforms[0]
+    assert isinstance(first, RandomResizeRotateCrop if want else RandomResize)

@@ -31,6 +31,8 @@ def expected(*layers, **changes):
     for layer in layers:
         want.update(layer)
     want.update(changes)
+    if want["crop_first"] == (None, "default"):  # derived: crop-first sampling with a rotation
+        want["crop_first"] = (want["rotate"][0] > 0, "derived")
     return want
 
 

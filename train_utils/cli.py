@@ -164,6 +164,9 @@ def _recipe_flags(recipe):
            help="random crops of every training image per epoch")
     recipe("--rotate", dest="rotate", type=float, metavar="DEG",
            help="random rotation in [-DEG, DEG] degrees (with the resize, flips and crop, sampled crop-first)")
+    recipe("--crop-first", dest="crop_first", action=argparse.BooleanOptionalAction,
+           help="sample the random resize, rotation, flips and crop as one resample of the crop (default: with "
+                "--rotate); --no-crop-first transforms the whole image one step after another")
     recipe("--color-jitter", dest="color_jitter", type=float, metavar="S",
            help="random brightness and contrast in [1-S, 1+S], gamma in [exp(-S), exp(S)]")
     recipe("--demo", dest="demo", action="store_true",

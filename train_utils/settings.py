@@ -57,7 +57,7 @@ TUTORIAL = dict(
     weight_decay=1e-4, opt="sgd", lr_schedule="poly", amp=False, amp_dtype=None, seed=None,
     deterministic=False,
     # recipe and augmentation
-    recipe="tutorial", crops_per_image=1, rotate=0.0, color_jitter=0.0,
+    recipe="tutorial", crops_per_image=1, rotate=0.0, color_jitter=0.0, crop_first=None,
     # evaluation
     eval_tta=False, eval_every=1, val_tile_size=1024, test_only=False,
     # output
@@ -90,7 +90,8 @@ CARRIED_KEYS = tuple(MODEL_KEYS) + ("mean", "std", "fov_diameter")
 RESUMED_KEYS = ("dataset", "val_split", "val_seed", "val_images", "fov")
 # Everything a recipe decides (and the scale range, the other augmentation setting): a fast run resumes as
 # a fast run and is evaluated with its flip averaging, unless the flag is typed again.
-RUN_KEYS = ("recipe",) + tuple(sorted({k for r in RECIPES.values() for k in r} - {"base_c"} | {"scale_range"}))
+RUN_KEYS = ("recipe",) + tuple(sorted({k for r in RECIPES.values() for k in r} - {"base_c"}
+                                       | {"scale_range", "crop_first"}))
 # Settings whose value depends on the machine: a checkpoint stores what was asked for (e.g. amp None, "where
 # it is faster"), so the machine that resumes decides again.
 MACHINE_KEYS = ("device", "amp", "amp_dtype", "workers", "channels_last")
@@ -304,6 +305,8 @@ def derive(values, machine):
         out["std"] = values["std"] or std
     if values["workers"] is None:
         out["workers"] = default_workers(device_type, values["batch_size"])
+    if values["crop_first"] is None:  # a rotation's geometry is sampled crop-first; the tutorial's stays a chain
+        out["crop_first"] = values["rotate"] > 0
     channels_last = values["channels_last"]
     out["channels_last"] = (default_channels_last(device_type, out["amp_dtype"]) if channels_last is None
                             else channels_last)

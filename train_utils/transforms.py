@@ -335,10 +335,10 @@ class SegmentationPresetEval(_Preset):
 
 
 def get_transform(train, mean=DRIVE_MEAN, std=DRIVE_STD, base_size=BASE_SIZE, crop_size=CROP_SIZE, rotate=0.0,
-                  color_jitter=0.0, scale_range=SCALE_RANGE):
+                  color_jitter=0.0, scale_range=SCALE_RANGE, crop_first=None):
     if train:
         return SegmentationPresetTrain(base_size, crop_size, mean=mean, std=std, rotate=rotate,
-                                       color_jitter=color_jitter, scale_range=scale_range)
+                                       color_jitter=color_jitter, scale_range=scale_range, crop_first=crop_first)
     return SegmentationPresetEval(mean=mean, std=std)
 
 
