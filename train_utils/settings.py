@@ -88,8 +88,9 @@ MODEL_KEYS = {"model": "unet", "num_classes": 1, "base_c": 32}
 CARRIED_KEYS = tuple(MODEL_KEYS) + ("mean", "std", "fov_diameter")
 # A resumed run also keeps its held-out validation images.
 RESUMED_KEYS = ("dataset", "val_split", "val_seed", "val_images", "fov")
-# Everything a recipe decides (and the scale range, the other augmentation setting): a fast run resumes as
-# a fast run and is evaluated with its flip averaging, unless the flag is typed again.
+# Everything a recipe decides (and the scale range and the crop-first sampling, the other augmentation
+# settings): a fast run resumes as a fast run and is evaluated with its flip averaging, unless the flag is
+# typed again.
 RUN_KEYS = ("recipe",) + tuple(sorted({k for r in RECIPES.values() for k in r} - {"base_c"}
                                        | {"scale_range", "crop_first"}))
 # Settings whose value depends on the machine: a checkpoint stores what was asked for (e.g. amp None, "where

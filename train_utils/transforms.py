@@ -8,7 +8,10 @@ Every geometric transform keeps the label on its image: the resize samples
 the mask with a centre-aligned nearest neighbour (as PIL's nearest, which the
 tutorial uses), flips and crops move both by whole pixels, and the rotation
 (``--rotate``, off in the tutorial) samples image and mask on one grid.
-Photometric changes (``--color-jitter``) touch the image only.
+With a rotation, the preset draws resize, rotation, flips and crop as that
+chain would and computes only the crop, by one map from the source
+(``RandomResizeRotateCrop``, ``--crop-first``). Photometric changes
+(``--color-jitter``) touch the image only.
 """
 import math
 
