@@ -375,6 +375,7 @@ def photos_child(args):
 
     import src
     from my_dataset import RepeatDataset, VesselDataset, dataset_files
+    from train_utils.imaging import image_size
     from train_utils.precision import cpu_has_native_bf16
     from train_utils.settings import RECIPES, default_channels_last, fast_width
     from train_utils.train_and_eval import build_optimizer, create_lr_scheduler, train_one_epoch
@@ -385,8 +386,9 @@ def photos_child(args):
     bf16 = cpu_has_native_bf16()
     channels_last = default_channels_last("cpu", "bfloat16" if bf16 else None)
     samples = dataset_files("drive", args.child_epochs, "training")
+    # The dataset's base size as train.py takes it for a dataset without one: the median shorter side.
+    base = int(statistics.median(min(image_size(s.image)) for s in samples))
     train = VesselDataset(samples)
-    base = int(statistics.median(min(img.shape[-2:]) for img, _ in train._cache))
     train.transforms = SegmentationPresetTrain(base, fast["crop_size"], rotate=fast["rotate"],
                                                color_jitter=fast["color_jitter"],
                                                crop_first=args.child_sampler.startswith("crop-first"))
