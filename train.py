@@ -287,8 +287,8 @@ def main(args):
             if hasattr(train_loader.sampler, "set_epoch"):  # DDP's sampler, BalancedSampler
                 train_loader.sampler.set_epoch(epoch)
             epoch_start = time.time()
-            mean_loss, lr = train_one_epoch(train_model, optimizer, train_loader, device, epoch, lr_scheduler,
-                                            print_freq=s.print_freq, scaler=scaler, num_classes=num_classes,
+            mean_loss, lr = train_one_epoch(train_model, optimizer, train_loader, device, epoch, num_classes,
+                                            lr_scheduler=lr_scheduler, print_freq=s.print_freq, scaler=scaler,
                                             amp_dtype=amp_dtype, channels_last=s.channels_last)
             utils.broadcast_buffers(model)  # every process validates and saves rank 0's BatchNorm statistics
             result = record = None  # --eval-every N: the last epoch is always validated

@@ -406,8 +406,8 @@ def photos_child(args):
     epochs = []
     for epoch in range(args.epochs):
         loader.wait, t = 0.0, time.perf_counter()
-        loss, _ = train_one_epoch(step_model, optimizer, loader, torch.device("cpu"), epoch, lr_scheduler,
-                                  print_freq=10 ** 6, num_classes=2, amp_dtype=torch.bfloat16 if bf16 else None,
+        loss, _ = train_one_epoch(step_model, optimizer, loader, torch.device("cpu"), epoch, 2, lr_scheduler,
+                                  print_freq=10 ** 6, amp_dtype=torch.bfloat16 if bf16 else None,
                                   channels_last=channels_last)
         epochs.append({"epoch_s": time.perf_counter() - t, "data_s": loader.wait, "loss": loss})
     print(json.dumps({"epochs": epochs, "steps": len(loader), "base_size": base, "width": fast_width(bf16),

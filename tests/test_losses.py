@@ -31,7 +31,7 @@ def loop_multiclass(x, t, ignore_index):
 
 def loop_build_target(target, num_classes, ignore_index):
     n, h, w = target.shape
-    out = torch.zeros(n, num_classes, h, w, dtype=torch.int64)
+    out = torch.zeros(n, num_classes, h, w)  # float, as the tutorial's one_hot(...).float()
     for i in range(n):
         for y in range(h):
             for x in range(w):
@@ -52,9 +52,11 @@ def random_target(n, c, h, w, gen, ignore_frac=0.3):
 def test_build_target_matches_loop(n, c):
     gen = torch.Generator().manual_seed(n * 10 + c)
     t = random_target(n, c, 7, 5, gen)
-    assert torch.equal(build_target(t, c, 255), loop_build_target(t, c, 255))
+    built = build_target(t, c, 255)
+    assert built.dtype == torch.float32 and torch.equal(built, loop_build_target(t, c, 255))
     t_plain = torch.randint(0, c, (n, 7, 5), generator=gen)
-    assert torch.equal(build_target(t_plain, c), F.one_hot(t_plain, c).permute(0, 3, 1, 2))
+    built = build_target(t_plain, c)
+    assert built.dtype == torch.float32 and torch.equal(built, F.one_hot(t_plain, c).float().permute(0, 3, 1, 2))
 
 
 @pytest.mark.parametrize("n,c,h,w", [(1, 2, 9, 7), (4, 2, 16, 16), (3, 3, 11, 13), (2, 4, 5, 6)])

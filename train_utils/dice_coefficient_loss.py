@@ -15,13 +15,14 @@ import torch.nn.functional as F
 
 
 def build_target(target: torch.Tensor, num_classes: int = 2, ignore_index: int = -100) -> torch.Tensor:
-    """One-hot [N, C, H, W] target for the dice; ignored pixels are ``ignore_index`` in every channel."""
+    """One-hot float [N, C, H, W] target for the dice, as the tutorial's; ignored pixels are ``ignore_index`` in
+    every channel."""
     if ignore_index < 0:
-        return F.one_hot(target, num_classes).permute(0, 3, 1, 2)
+        return F.one_hot(target, num_classes).float().permute(0, 3, 1, 2)
     # torch.where instead of boolean-mask assignment, which syncs with the host on CUDA.
     ignore_mask = target == ignore_index
-    dice_target = F.one_hot(torch.where(ignore_mask, 0, target), num_classes)
-    dice_target = torch.where(ignore_mask.unsqueeze(-1), ignore_index, dice_target)
+    dice_target = F.one_hot(torch.where(ignore_mask, 0, target), num_classes).float()
+    dice_target = torch.where(ignore_mask.unsqueeze(-1), float(ignore_index), dice_target)
     return dice_target.permute(0, 3, 1, 2)
 
 

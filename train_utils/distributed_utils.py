@@ -267,8 +267,9 @@ class MetricLogger:
     def add_meter(self, name, meter):
         self.meters[name] = meter
 
-    def log_every(self, iterable, print_freq, header=""):
+    def log_every(self, iterable, print_freq, header=None):
         """Yield from ``iterable``, printing progress, ETA, step and data-loading time every ``print_freq`` steps."""
+        header = header or ""
         i = 0
         start_time = time.time()
         end = time.time()

@@ -46,35 +46,18 @@ def to_device(image, target, device, channels_last=False):
     return image, target.to(device, non_blocking=True)
 
 
-def model_num_classes(model):
-    """``model.num_classes`` (background included), as the tutorial reads it, also through DDP's ``.module``
-    and torch.compile's ``._orig_mod``."""
-    inner = model
-    while not hasattr(inner, "num_classes"):
-        if hasattr(inner, "_orig_mod"):
-            inner = inner._orig_mod
-        elif hasattr(inner, "module"):
-            inner = inner.module
-        else:
-            raise TypeError(f"{type(model).__name__} has no num_classes attribute: pass num_classes= to "
-                            "train_one_epoch")
-    return inner.num_classes
-
-
-def train_one_epoch(model, optimizer, data_loader, device, epoch, lr_scheduler, print_freq=10, scaler=None, *,
-                    num_classes=None, amp_dtype=None, channels_last=False):
+def train_one_epoch(model, optimizer, data_loader, device, epoch, num_classes, lr_scheduler, print_freq=10,
+                    scaler=None, *, amp_dtype=None, channels_last=False):
     """One pass over ``data_loader``; returns (mean training loss over steps and processes, last lr).
 
-    Called as the tutorial calls it, ``num_classes`` (background included) is
-    the model's, and passing a ``scaler`` turns on float16 autocast (the
-    tutorial's ``autocast(enabled=scaler is not None)``). train.py names both:
-    ``amp_dtype`` (float16, bfloat16, or None for float32) decides autocast,
-    and its ``scaler`` (a ``torch.amp.GradScaler``) may be disabled, so the
-    step has no branches.
+    The tutorial's signature and call: ``num_classes`` counts the background,
+    and passing a ``scaler`` turns on float16 autocast (the tutorial's
+    ``autocast(enabled=scaler is not None)``). train.py also names
+    ``amp_dtype`` (float16, bfloat16, or None for float32), which decides
+    autocast, and passes a ``torch.amp.GradScaler`` that may be disabled, so
+    the step has no branches.
     """
     model.train()
-    if num_classes is None:
-        num_classes = model_num_classes(model)
     if amp_dtype is None and scaler is not None and scaler.is_enabled():
         amp_dtype = torch.float16
     metric_logger = utils.MetricLogger(delimiter="  ")

@@ -15,6 +15,7 @@ chain would and computes only the crop, by one map from the source
 """
 import math
 
+import PIL.Image
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -287,6 +288,8 @@ class RandomPhotometric(v2.Transform):
 
 class _Preset:
     def __call__(self, img, target):
+        if isinstance(target, PIL.Image.Image):  # DriveDataset's PIL pair: the target is [H, W], as the tutorial's
+            target = F.pil_to_tensor(target)[0]
         img, target = self.transforms(tv_tensors.Image(img), tv_tensors.Mask(target))
         # Plain tensors from here on: the model and the loss need no tv_tensor dispatch.
         return img.as_subclass(torch.Tensor), target.as_subclass(torch.Tensor)
