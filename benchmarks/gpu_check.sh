@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU path of the project on one GPU (about 5 minutes on an H100, 835 s at most); prints a summary of figures at the end.
+# Every GPU path of the project on one GPU (about 5 minutes on an H100, 1015 s at most); prints a summary of figures at the end.
 #
 #   bash benchmarks/gpu_check.sh                 # uses python3 (with requirements.txt installed)
 #   PYTHON=.venv/bin/python OUT=/tmp/gpu bash benchmarks/gpu_check.sh
@@ -12,7 +12,8 @@
 # 4. torch.compile, 2 demo epochs
 # 5. the benchmark's epochs on synthetic DRIVE-sized data: the tutorial-style run (a) and train.py (b) in
 #    float32, and train.py with AMP (fp16), one round of 1- and 12-epoch runs each
-# Each step has its own time limit (835 s in all); a failing step is reported and the others still run.
+# 6. the test suite's tests marked cuda (pytest -m cuda; pytest must be installed), with their counts
+# Each step has its own time limit (1015 s in all); a failing step is reported and the others still run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -65,6 +66,8 @@ step "benchmark-fp32" 180 "$PY" benchmarks/benchmark.py --device cuda --rounds 1
 step "benchmark-amp" 100 "$PY" benchmarks/benchmark.py --device cuda --rounds 1 --configs b --b-args=--amp \
     --json "$OUT/bench_amp.json"
 
+step "cuda-tests" 180 "$PY" -m pytest -q -m cuda -rs -p no:cacheprovider tests
+
 echo "--- summary" | tee -a "$LOG"
-grep -E "^=== .*(ok|FAILED)|^\| (a|b)|best dice|backend nccl|^recipe fast" "$LOG" | tee "$OUT/summary.txt"
+grep -E "^=== .*(ok|FAILED)|^\| (a|b)|best dice|backend nccl|^recipe fast|^[0-9]+ (passed|failed|skipped|deselected)|^=+ .*(passed|failed|error)" "$LOG" | tee "$OUT/summary.txt"
 exit $status

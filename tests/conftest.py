@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny synthetic DRIVE root, a small disk to fill, and a runner for the scripts."""
+"""Shared fixtures: a tiny synthetic DRIVE root, a small disk to fill, and a runner for the scripts; the
+``cuda`` marker, and CUDA hidden from every test without it."""
+import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -11,6 +14,70 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from train_utils.synthetic import write_synthetic_drive  # noqa: E402
+
+# Every test runs as on a machine without a GPU, CI's, whatever this one has: CUDA is hidden from the test and
+# from the scripts and processes it starts, so a GPU user's run checks what CI checks (and pays no GPU start-up
+# per script). Only the tests marked ``cuda`` see the GPU; ``pytest -m cuda`` runs just them, and without a GPU
+# they skip. The real answer is read first: once the driver has started, hiding the devices from the
+# environment changes nothing for this process, only for the ones it starts. A pytest-xdist worker inherits
+# the hidden environment, so the machine's own value travels beside it.
+_SAVED_VISIBLE_DEVICES = "UNET_TESTS_CUDA_VISIBLE_DEVICES"
+
+
+def _set_visible_devices(value):
+    if value is None:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = value
+
+
+_VISIBLE_DEVICES = (json.loads(os.environ[_SAVED_VISIBLE_DEVICES]) if _SAVED_VISIBLE_DEVICES in os.environ
+                    else os.environ.get("CUDA_VISIBLE_DEVICES"))
+os.environ[_SAVED_VISIBLE_DEVICES] = json.dumps(_VISIBLE_DEVICES)
+_set_visible_devices(_VISIBLE_DEVICES)
+HAS_CUDA = torch.cuda.is_available()
+if HAS_CUDA:
+    torch.cuda.init()  # the driver starts now, with the devices visible, whatever checked the count above
+_CUDA_IS_AVAILABLE = torch.cuda.is_available
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: a test of the GPU path; it sees the GPU, and skips without one "
+                                       "(pytest -m cuda runs just these)")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    torch.cuda.is_available = lambda: False
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="a test of the GPU path: this machine has no CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _show_cuda_to_cuda_tests(request, monkeypatch):
+    """A test marked ``cuda`` sees the GPU, and so do the scripts it starts."""
+    if request.node.get_closest_marker("cuda") is None:
+        return
+    monkeypatch.setattr(torch.cuda, "is_available", _CUDA_IS_AVAILABLE)
+    if _VISIBLE_DEVICES is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", _VISIBLE_DEVICES)
+
+
+@contextlib.contextmanager
+def sync_debug_error():
+    """Inside, a CUDA operation that makes the host wait for the GPU raises a RuntimeError."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
 
 # Small enough that a training epoch takes well under a second on 2 cores.
 TINY_TRAIN = ["--base-c", "4", "--crop-size", "48", "--base-size", "64", "-b", "2", "--workers", "0",

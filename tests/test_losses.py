@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import sync_debug_error
 from train_utils.dice_coefficient_loss import build_target, dice_coeff, dice_loss, multiclass_dice_coeff
 from train_utils.train_and_eval import criterion
 
@@ -96,6 +97,22 @@ def test_dice_loss_is_float32_for_any_logit_dtype():
         assert out.item() == pytest.approx(ref.item(), abs=2e-2)
     expected = 1 - loop_multiclass(logits.softmax(1), t, 255)
     assert ref.item() == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.cuda
+def test_dice_loss_does_not_wait_for_the_gpu():
+    """The tutorial's dice loss asked the host ``if sets_sum == 0`` for every image and class; this one never
+    waits for the GPU, and gives the CPU's value."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 2, 16, 16, generator=gen)
+    target = random_target(4, 2, 16, 16, gen)
+    target[1] = 255  # an image with nothing to score: the empty-set case
+    device_logits, device_target = logits.cuda(), target.cuda()  # copies, before the check
+    torch.cuda.synchronize()
+    with sync_debug_error():
+        loss = dice_loss(device_logits, build_target(device_target, 2, 255), multiclass=True, ignore_index=255)
+    expected = 1 - loop_multiclass(logits.softmax(1), build_target(target, 2, 255), 255)
+    assert loss.is_cuda and loss.item() == pytest.approx(expected, abs=1e-5)
 
 
 def loop_criterion(x, target, weight, num_classes):

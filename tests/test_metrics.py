@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import sync_debug_error
 from tests.test_losses import loop_dice, random_target
 from train_utils.distributed_utils import ConfusionMatrix, DiceCoefficient, ShardedEvalSampler
 from train_utils.train_and_eval import create_lr_scheduler
@@ -123,3 +124,32 @@ def test_lr_schedule_without_warmup_and_single_epoch():
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+@pytest.mark.cuda
+def test_validation_metrics_update_without_waiting_for_the_gpu():
+    """ConfusionMatrix and DiceCoefficient stay on the device during validation: no update waits for the GPU,
+    and the totals equal the CPU's."""
+    gen = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(b, 2, 6, 7, generator=gen), random_target(b, 2, 6, 7, gen)) for b in (1, 3)]
+    on_device = [(logits.cuda(), target.cuda()) for logits, target in batches]  # copies, before the check
+    cm, dice = ConfusionMatrix(2), DiceCoefficient(num_classes=2, ignore_index=255)
+    torch.cuda.synchronize()
+    with sync_debug_error():
+        for logits, target in on_device:
+            cm.update(target.flatten(), logits.argmax(1).flatten())
+            dice.update(logits, target)
+    assert cm.mat.is_cuda and dice.value.is_cuda
+    assert np.array_equal(cm.mat.cpu().numpy(), loop_confusion([t for _, t in batches],
+                                                               [x.argmax(1) for x, _ in batches], 2))
+    assert dice.value.item() == pytest.approx(loop_validation_dice(batches, 2), abs=1e-6)
+
+
+@pytest.mark.cuda
+def test_the_sync_check_catches_a_wait():
+    """The check the CUDA tests rely on can fail: reading a device value on the host raises inside it."""
+    x = torch.ones(3, device="cuda")
+    torch.cuda.synchronize()
+    with pytest.raises(RuntimeError, match="synchroniz"):
+        with sync_debug_error():
+            x.sum().item()

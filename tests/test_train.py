@@ -112,8 +112,7 @@ def test_demo_flag_sets_cpu_sized_defaults():
     (["--scale-range", "1.2", "0.5"], "--scale-range needs 0 < MIN <= MAX"),
 ])
 def test_bad_arguments_are_user_errors(drive_root, tmp_path, argv, message):
-    if "cuda" in argv[-1] and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+    # "CUDA is not available" holds on every machine: tests not marked cuda see none (conftest.py).
     args = parse("--data-path", drive_root, "--output-dir", tmp_path, *TINY_TRAIN, *argv)
     with pytest.raises(UserError, match=message):
         train.main(args)

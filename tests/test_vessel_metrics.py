@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.conftest import sync_debug_error
 from train_utils.metrics import VesselMetrics
 
 IGNORE = 255
@@ -157,16 +158,17 @@ def test_str_and_reset():
     assert str(m).splitlines()[-1] == "auc: nan"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_update_does_not_sync_on_cuda():
     logits, target = make_batches(3, tied=False)[0]
+    # On the device before the check: the copy from the host is what would synchronise, not update.
+    device_logits, device_target = logits.cuda(), target.cuda()
     m = VesselMetrics()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    torch.cuda.synchronize()
+    with sync_debug_error():
         for _ in range(2):
-            m.update(logits.cuda(), target.cuda())
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+            m.update(device_logits, device_target)
+    assert m.counts.is_cuda
     assert_same(m.compute(), run_metrics([(logits, target)] * 2).compute())
 
 
