@@ -29,7 +29,7 @@ from PIL import Image
 from train_utils.files import atomic_write, ensure_writable_folder
 from train_utils.imaging import (estimate_fov, find_companion, image_size, list_inputs, read_binary, read_image,
                                  read_label, stem_of)
-from train_utils.measurements import MeasurementsFile, check_available, check_units, draw_measurement, measure
+from train_utils.measurements import MeasurementsFile, check_available, check_flags, draw_measurement, measure
 
 # predict.py's other outputs, beside its masks: not masks themselves.
 SKIPPED_SUFFIXES = ("_prob", "_overlay")
@@ -98,7 +98,7 @@ def overlay_picture(vessels, image):
 
 
 def main(args):
-    check_units(args.pixel_size, args.fov_angle)
+    check_flags(args.pixel_size, args.fov_angle, args.measure_diameter)
     check_available()
     plans = plan(args)
     ensure_writable_folder(args.output_dir, f"--output-dir '{args.output_dir}'")
@@ -108,10 +108,9 @@ def main(args):
         t0 = time.perf_counter()
         vessels = read_mask(path)
         fov, image, note = field_of_view(vessels, roi, photo, path)
-        measured = measure(vessels, fov, stem_of(path), args.pixel_size, args.fov_angle)
+        measured = measure(vessels, fov, stem_of(path), args.pixel_size, args.fov_angle, args.measure_diameter)
         if args.overlay:
-            picture = draw_measurement(overlay_picture(vessels & fov, image), measured.graph,
-                                       measured.row["fov_diameter_px"])
+            picture = draw_measurement(overlay_picture(vessels & fov, image), measured)
             atomic_write(overlay_path, lambda tmp: Image.fromarray(picture).save(tmp, format="PNG"), suffix=".png")
         table.add(measured.row)
         print(f"{path}{note}: {measured.row['segments']} segments, vessel density "

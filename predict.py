@@ -125,8 +125,8 @@ def measurements_table(args, plans, inputs):
     work (the optional packages installed, an existing file's columns), and the skeleton library warmed up."""
     if not args.measure:
         return None
-    from train_utils.measurements import MeasurementsFile, check_available, check_units, warm_up
-    check_units(args.pixel_size, args.fov_angle)
+    from train_utils.measurements import MeasurementsFile, check_available, check_flags, warm_up
+    check_flags(args.pixel_size, args.fov_angle, args.measure_diameter)
     check_available()
     path = os.path.join(os.path.dirname(plans[0][0]), MEASUREMENTS_CSV)
     if os.path.realpath(path) in {os.path.realpath(p) for p in inputs}:
@@ -168,13 +168,13 @@ def save_outputs(probs, image, fov, plan, args, table=None, name=""):
     if table is not None:
         from train_utils.measurements import measure
         t0 = time.perf_counter()
-        measured = measure(classes == 1, fov, name, args.pixel_size, args.fov_angle)
+        measured = measure(classes == 1, fov, name, args.pixel_size, args.fov_angle, args.measure_diameter)
         seconds = time.perf_counter() - t0
     if args.overlay:
         overlay = colour_overlay(image, classes)
         if measured is not None:
             from train_utils.measurements import draw_measurement
-            overlay = draw_measurement(overlay, measured.graph, measured.row["fov_diameter_px"])
+            overlay = draw_measurement(overlay, measured)
         save_png(Image.fromarray(overlay), overlay_path)
     if measured is not None:
         table.add(measured.row)

@@ -36,6 +36,9 @@ DEFAULT_WEIGHTS = tuple(os.path.join(d, "best_model.pth") for d in (TUTORIAL["ou
 PREDICTIONS_DIR = "predictions"
 MEASUREMENTS_DIR, MEASUREMENTS_CSV = "measurements", "measurements.csv"
 EXTRAS_INSTALL = "pip install -r requirements-extras.txt"
+# Masks are measured resized so that their FOV is this many pixels across (--measure-diameter; 0: as they are):
+# the shipped model's own scale (its --fov-diameter), at which a predicted mask holds all the detail it has.
+MEASURE_DIAMETER = 700
 REFERENCE_BEGIN, REFERENCE_END = "<!-- flag-reference: begin -->", "<!-- flag-reference: end -->"
 
 
@@ -267,13 +270,16 @@ def predict_parser(add_help=True, doc=None):
          help=f"also measure each mask (vessel density, width, tortuosity, fractal dimension, the skeleton's "
               f"segments, junctions and end points) into {MEASUREMENTS_CSV} beside the masks, one row per "
               f"photograph; with --overlay, the skeleton is drawn too (needs: {EXTRAS_INSTALL})")
-    _unit_flags(flag)
+    _measurement_flags(flag)
     flag("--debug", dest="debug", action="store_true", help="show tracebacks")
     return parser
 
 
-def _unit_flags(flag):
-    """The flags that add micrometres to the measurements (predict.py --measure, measure.py)."""
+def _measurement_flags(flag):
+    """How masks are measured (predict.py --measure, measure.py): the scale, and micrometres."""
+    flag("--measure-diameter", dest="measure_diameter", default=MEASURE_DIAMETER, type=int, metavar="PX",
+         help="with the measurements: measure each mask resized so that its FOV is PX pixels across, so that "
+              "photographs of every resolution are measured alike (0: at its own size)")
     flag("--pixel-size", dest="pixel_size", default=None, type=float, metavar="UM",
          help="with the measurements: micrometres a pixel, to add the _um columns")
     flag("--fov-angle", dest="fov_angle", default=None, type=float, metavar="DEG",
@@ -299,7 +305,7 @@ def measure_parser(add_help=True, doc=None):
          help=f"folder for {MEASUREMENTS_CSV} (and <stem>_overlay.png)")
     flag("--overlay", dest="overlay", action="store_true",
          help="also write <stem>_overlay.png: the mask, its skeleton, junctions and end points")
-    _unit_flags(flag)
+    _measurement_flags(flag)
     flag("--debug", dest="debug", action="store_true", help="show tracebacks")
     return parser
 

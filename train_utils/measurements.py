@@ -21,6 +21,7 @@ import numpy as np
 from .errors import UserError
 from .extras import require
 from .files import atomic_write
+from .cli import MEASURE_DIAMETER
 from .imaging import fov_diameter
 
 # Micrometres of retina per degree of visual angle (Drasdo & Fowler 1974, the Gullstrand schematic eye): turns
@@ -36,7 +37,7 @@ ARC_STEP_FOV = 1 / 128
 MIN_SEGMENT_FOV = 0.02
 
 # The columns of measurements.csv, in order: the photograph's name, then its measurements.
-COLUMNS = ("image", "fov_diameter_px", "pixel_size_um", "fov_diameter_um", "vessel_area_density",
+COLUMNS = ("image", "fov_diameter_px", "measured_at_px", "pixel_size_um", "fov_diameter_um", "vessel_area_density",
            "skeleton_length_px", "skeleton_length_fov", "skeleton_length_um",
            "length_density_per_px", "length_density_fov", "length_density_per_mm",
            "mean_width_px", "mean_width_fov", "mean_width_um",
@@ -79,6 +80,19 @@ def warm_up():
 
 # ---------------------------------------------------------------------------
 # one measurement each
+
+
+def resample_mask(mask, factor):
+    """``mask`` (bool) resized by ``factor``: the share of each new pixel it covers (box filter when shrinking,
+    bilinear when enlarging, Pillow's), kept where at least one half."""
+    if factor == 1:
+        return np.asarray(mask, dtype=bool)
+    from PIL import Image
+
+    h, w = mask.shape
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    image = Image.fromarray(np.asarray(mask, dtype=np.float32))
+    return np.asarray(image.resize(size, Image.BOX if factor < 1 else Image.BILINEAR)) >= 0.5
 
 
 def vessel_area_density(vessels, fov):
@@ -162,8 +176,11 @@ def box_sizes(diameter):
     return [diameter / 2 ** k for k in BOX_SIZE_POWERS]
 
 
-def check_units(pixel_size, fov_angle):
-    """A ``UserError`` for --pixel-size and --fov-angle together, or either not positive."""
+def check_flags(pixel_size, fov_angle, diameter_to):
+    """A ``UserError`` for --pixel-size and --fov-angle together, either not positive, or a negative
+    --measure-diameter."""
+    if diameter_to < 0:
+        raise UserError(f"--measure-diameter must be >= 0 (got {diameter_to})")
     if pixel_size is not None and fov_angle is not None:
         raise UserError("give --pixel-size or --fov-angle, not both: each sets the micrometres of a pixel")
     for flag, value in (("--pixel-size", pixel_size), ("--fov-angle", fov_angle)):
@@ -254,25 +271,35 @@ def skeleton_graph(vessels, min_length, step):
 
 
 class Measurement(NamedTuple):
-    """One photograph's row (``COLUMNS``) and the skeleton it was measured on, for the overlay."""
+    """One photograph's row (``COLUMNS``), the skeleton it was measured on (for the overlay) and the factor
+    from the photograph's pixels to the skeleton's."""
     row: dict
     graph: SkeletonGraph
+    scale: float
 
 
-def measure(vessels, fov, name="", pixel_size=None, fov_angle=None):
+def measure(vessels, fov, name="", pixel_size=None, fov_angle=None, diameter_to=MEASURE_DIAMETER):
     """The measurements of one vessel mask inside its field of view.
 
     ``vessels`` and ``fov`` are bool ``[H, W]``; vessels outside the FOV are
-    not counted. ``pixel_size`` (micrometres a pixel) or ``fov_angle``
-    (degrees the FOV spans) add the ``_um`` columns. The FOV diameter is
-    ``imaging.fov_diameter``'s circle fit, the scale ``--fov-diameter`` uses.
+    not counted. The FOV diameter D is ``imaging.fov_diameter``'s circle fit
+    (the scale ``--fov-diameter`` uses). Both masks are resized so that D is
+    ``diameter_to`` pixels (``resample_mask``; 0: as they are) and measured
+    there: photographs of every resolution are measured at one, and the
+    ``_px`` columns are converted back to the photograph's own pixels.
+    ``pixel_size`` (micrometres a pixel of the photograph) or ``fov_angle``
+    (degrees the FOV spans) add the ``_um`` columns.
     """
-    vessels = np.asarray(vessels, dtype=bool) & np.asarray(fov, dtype=bool)
     fov = np.asarray(fov, dtype=bool)
+    vessels = np.asarray(vessels, dtype=bool) & fov
     diameter = fov_diameter(fov)
     um = pixel_size_um(diameter, pixel_size, fov_angle)
-    step = max(2, round(diameter * ARC_STEP_FOV))
-    min_length = MIN_SEGMENT_FOV * diameter
+    factor = diameter_to / diameter if diameter_to else 1.0
+    fov = resample_mask(fov, factor)
+    vessels = resample_mask(vessels, factor) & fov
+    at = diameter * factor  # the FOV's diameter where it is measured
+    step = max(2, round(at * ARC_STEP_FOV))
+    min_length = MIN_SEGMENT_FOV * at
     graph = skeleton_graph(vessels, min_length, step)
     arcs = arc_lengths(graph.paths, step)
     length, area, fov_area = float(arcs.sum()), int(np.count_nonzero(vessels)), int(np.count_nonzero(fov))
@@ -280,23 +307,26 @@ def measure(vessels, fov, name="", pixel_size=None, fov_angle=None):
     tort, counted = tortuosity(arcs, chord_lengths(graph.paths), (graph.kinds != 3) & (arcs >= min_length))
     rows, cols = np.flatnonzero(fov.any(axis=1)), np.flatnonzero(fov.any(axis=0))
     origin = (int(rows[0]), int(cols[0])) if len(rows) else (0, 0)  # the grid starts at the FOV's corner
-    density = length / fov_area if fov_area else math.nan
+    density = length / fov_area if fov_area else math.nan  # per measured pixel
 
-    def in_um(px, power=1):
-        return px * um ** power if um is not None else None
+    def px(value, power=1):  # measured pixels -> the photograph's
+        return value / factor ** power
+
+    def in_um(value_px, power=1):
+        return value_px * um ** power if um is not None else None
 
     row = {
-        "image": name, "fov_diameter_px": diameter, "pixel_size_um": um, "fov_diameter_um": in_um(diameter),
-        "vessel_area_density": vessel_area_density(vessels, fov),
-        "skeleton_length_px": length, "skeleton_length_fov": length / diameter, "skeleton_length_um": in_um(length),
-        "length_density_per_px": density, "length_density_fov": density * diameter,
-        "length_density_per_mm": in_um(density, -1) * 1000 if um is not None else None,
-        "mean_width_px": width, "mean_width_fov": width / diameter, "mean_width_um": in_um(width),
+        "image": name, "fov_diameter_px": diameter, "measured_at_px": at, "pixel_size_um": um,
+        "fov_diameter_um": in_um(diameter), "vessel_area_density": vessel_area_density(vessels, fov),
+        "skeleton_length_px": px(length), "skeleton_length_fov": length / at, "skeleton_length_um": in_um(px(length)),
+        "length_density_per_px": px(density, -1), "length_density_fov": density * at,
+        "length_density_per_mm": in_um(px(density, -1), -1) * 1000 if um is not None else None,
+        "mean_width_px": px(width), "mean_width_fov": width / at, "mean_width_um": in_um(px(width)),
         "tortuosity": tort, "tortuosity_segments": counted,
-        "fractal_dimension": fractal_dimension(vessels, box_sizes(diameter), origin),
+        "fractal_dimension": fractal_dimension(vessels, box_sizes(at), origin),
         "segments": len(graph.paths), "junctions": len(graph.junctions), "end_points": len(graph.end_points),
     }
-    return Measurement(row, graph)
+    return Measurement(row, graph, factor)
 
 
 # ---------------------------------------------------------------------------
@@ -305,20 +335,27 @@ def measure(vessels, fov, name="", pixel_size=None, fov_angle=None):
 SKELETON_COLOUR, JUNCTION_COLOUR, END_COLOUR = (255, 255, 0), (255, 0, 0), (0, 160, 255)
 
 
-def draw_measurement(picture, graph, diameter):
-    """``picture`` (RGB uint8 ``[H, W, 3]``) with the skeleton in yellow, junctions as red discs and end
-    points as blue ones; lines and discs grow with the FOV's ``diameter`` so they stay visible."""
+def draw_measurement(picture, measured):
+    """``picture`` (RGB uint8 ``[H, W, 3]``, the photograph's size) with what ``measured`` (a ``Measurement``)
+    measured: the skeleton in yellow, junctions as red discs, end points as blue ones, brought back to the
+    photograph's pixels; lines and discs grow with the FOV so they stay visible."""
+    from PIL import Image
     from scipy import ndimage
     from skimage.draw import disk
 
     out = picture.copy()
-    thick = max(0, round(diameter / 800))
-    line = ndimage.binary_dilation(graph.skeleton, iterations=thick) if thick else graph.skeleton
+    h, w = out.shape[:2]
+    graph, factor = measured.graph, measured.scale
+    diameter = measured.row["fov_diameter_px"]
+    line = np.asarray(Image.fromarray(graph.skeleton.astype(np.float32)).resize((w, h), Image.BILINEAR)) > 0
+    thick = round((diameter / 600 - 1 / factor) / 2)  # a line about D/600 wide
+    if thick > 0:
+        line = ndimage.binary_dilation(line, iterations=thick)
     out[line] = SKELETON_COLOUR
     radius = max(2.0, diameter / 250)
     for points, colour, r in ((graph.end_points, END_COLOUR, radius * 0.7), (graph.junctions, JUNCTION_COLOUR, radius)):
         for y, x in points:
-            out[disk((y, x), r, shape=out.shape[:2])] = colour
+            out[disk(((y + 0.5) / factor - 0.5, (x + 0.5) / factor - 0.5), r, shape=(h, w))] = colour
     return out
 
 
@@ -391,18 +428,20 @@ class MeasurementsFile:
 # agreement of two measurements of the same photographs (benchmarks/measure_agreement.py)
 
 
-def icc_a1(x, y):
+def icc_a1(*ratings):
     """ICC(A,1) of McGraw & Wong (1996), ICC(2,1) of Shrout & Fleiss (1979): two-way random effects,
-    absolute agreement, single measure, of the paired values ``x`` and ``y`` (two raters, n subjects):
+    absolute agreement, single measure, of k raters' values of the same n subjects (``ratings``: k
+    sequences of n values; here the predicted mask's and the label's):
 
-        (MSR - MSE) / (MSR + (k - 1) MSE + k (MSC - MSE) / n),   k = 2,
+        (MSR - MSE) / (MSR + (k - 1) MSE + k (MSC - MSE) / n),
 
     with MSR, MSC and MSE the mean squares of the subjects (rows), the raters
-    (columns) and the residual of the two-way ANOVA. NaN for fewer than 2 pairs.
+    (columns) and the residual of the two-way ANOVA without interaction.
+    NaN for fewer than 2 subjects.
     """
-    data = np.stack([np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)], axis=1)
+    data = np.stack([np.asarray(r, dtype=np.float64) for r in ratings], axis=1)
     n, k = data.shape
-    if n < 2:
+    if n < 2 or k < 2:
         return math.nan
     grand = data.mean()
     ss_rows = k * ((data.mean(axis=1) - grand) ** 2).sum()
