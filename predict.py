@@ -6,6 +6,7 @@
     python predict.py --img DRIVE/test/images --roi-mask DRIVE/test/mask --output-dir out --save-prob --overlay
     python predict.py --img photo.jpg --tta        # FOV estimated from the dark border
     python predict.py --img big_3500x2300.png --tile-size 512 --tile-overlap 64 --device cpu
+    python predict.py --img DRIVE/test/images --roi-mask DRIVE/test/mask --output-dir out --measure --fov-angle 45
 
 Without ``--weights`` it uses ``save_weights/best_model.pth``, else
 ``save_weights/demo/best_model.pth`` (what ``train.py --demo`` writes), so the
@@ -18,6 +19,10 @@ predicted class is not the background (with more than one foreground
 class: a palette PNG of class indices); ``--save-prob`` adds
 ``<stem>_prob.png``, the foreground probability 1 - P(background) as 0..255;
 ``--overlay`` adds ``<stem>_overlay.png``, the vessels drawn over the photograph.
+``--measure`` adds the measurements of every mask (docs/measurements.md) to
+``measurements.csv`` beside them, one row per photograph, as ``measure.py``
+measures masks that exist; with ``--overlay`` the measured skeleton, its
+junctions and end points are drawn too.
 Pixels outside the field of view are 0 in the mask and the probability map.
 The FOV comes from ``--roi-mask`` (a file, or a folder of DRIVE-named masks:
 ``NN_test_mask.gif`` for ``NN_test.tif``) or, without it, is estimated from
@@ -34,7 +39,7 @@ import os
 import time
 
 from train_utils.allocator import use_fast_allocator
-from train_utils.cli import predict_parser as get_args_parser, weights_or_default
+from train_utils.cli import MEASUREMENTS_CSV, predict_parser as get_args_parser, weights_or_default
 
 # First, before torch loads: --help and mistyped flags are answered at once (train_utils/cli.py imports no
 # torch); then the script runs again with a fast allocator (train_utils/allocator.py).
@@ -52,8 +57,8 @@ from train_utils.checkpoint import model_from_checkpoint, normalisation
 from train_utils.distributed_utils import resolve_device
 from train_utils.errors import UserError, run_cli
 from train_utils.files import atomic_write, nearest_existing
-from train_utils.imaging import (IMAGE_EXTS, check_min_size, estimate_fov, files_by_stem, fov_scale, image_size,
-                                 is_image_name, palette_image, read_binary, read_image, stem_of)
+from train_utils.imaging import (IMAGE_EXTS, check_min_size, find_mask, fov_scale, image_size, list_inputs,
+                                 palette_image, photo_fov, read_image, stem_of)
 from train_utils.inference import inference_model, predict_probabilities, probabilities_at
 from train_utils.precision import autocast_dtype
 from train_utils.transforms import rescale
@@ -71,42 +76,12 @@ def check_args(args):
         raise UserError("--tile-size and --tile-overlap must be >= 0")
     if args.tile_size and args.tile_overlap >= args.tile_size:
         raise UserError(f"--tile-overlap ({args.tile_overlap}) must be smaller than --tile-size ({args.tile_size})")
+    if not args.measure and (args.pixel_size is not None or args.fov_angle is not None):
+        raise UserError("--pixel-size and --fov-angle set the units of the measurements: add --measure")
 
 
 # ---------------------------------------------------------------------------
 # inputs and outputs
-
-
-def list_inputs(path):
-    """The image files to predict: ``path`` itself, or every image file of the folder ``path``, sorted."""
-    if os.path.isdir(path):
-        files = sorted(os.path.join(path, n) for n in os.listdir(path)
-                       if is_image_name(n) and os.path.isfile(os.path.join(path, n)))
-        if not files:
-            raise UserError(f"folder '{path}' holds no image files ({', '.join(IMAGE_EXTS)}, or those .gz)")
-        return files
-    if not os.path.exists(path):
-        raise UserError(f"input '{path}' does not exist")
-    return [path]
-
-
-def find_mask(roi, img_path):
-    """The FOV mask file for ``img_path``: ``roi`` itself, or ``<stem>_mask.*`` / ``<stem>.*`` in the folder ``roi``."""
-    if roi is None:
-        return None
-    if not os.path.isdir(roi):
-        if not os.path.isfile(roi):
-            raise UserError(f"--roi-mask '{roi}' does not exist")
-        return roi
-    stem = stem_of(img_path)
-    by_stem = files_by_stem(roi)  # a stem's names with DRIVE's .gif first
-    img_real = os.path.realpath(img_path)
-    for candidate in (f"{stem}_mask", stem):
-        found = [n for n in by_stem.get(candidate, []) if os.path.realpath(os.path.join(roi, n)) != img_real]
-        if found:
-            return os.path.join(roi, found[0])
-    raise UserError(f"no FOV mask for '{img_path}' in '{roi}' (looked for {stem}_mask.gif, {stem}_mask.* "
-                    f"and {stem}.*)")
 
 
 def output_paths(args, inputs, mask_files):
@@ -145,6 +120,22 @@ def output_paths(args, inputs, mask_files):
 
 
 
+def measurements_table(args, plans, inputs):
+    """With ``--measure``: the ``measurements.csv`` beside the masks (``MeasurementsFile``), checked before any
+    work (the optional packages installed, an existing file's columns), and the skeleton library warmed up."""
+    if not args.measure:
+        return None
+    from train_utils.measurements import MeasurementsFile, check_available, check_flags, warm_up
+    check_flags(args.pixel_size, args.fov_angle, args.measure_diameter)
+    check_available()
+    path = os.path.join(os.path.dirname(plans[0][0]), MEASUREMENTS_CSV)
+    if os.path.realpath(path) in {os.path.realpath(p) for p in inputs}:
+        raise UserError(f"output '{path}' would overwrite an input file; choose another --output-dir")
+    table = MeasurementsFile(path)
+    warm_up()
+    return table
+
+
 def colour_overlay(image, classes):
     """The photograph with every foreground class blended in its colour."""
     out = image.astype(np.float32)
@@ -155,8 +146,10 @@ def colour_overlay(image, classes):
     return np.rint(out).clip(0, 255).astype(np.uint8)
 
 
-def save_outputs(probs, image, fov, plan, args):
-    """Write the mask (and prob / overlay) of one image from its class probabilities [C, H, W]."""
+def save_outputs(probs, image, fov, plan, args, table=None, name=""):
+    """Write the mask (and prob / overlay) of one image from its class probabilities [C, H, W]; with a
+    ``table`` (``--measure``), measure the vessel class (1) into its row ``name``, drawn on the overlay.
+    Returns the seconds the measuring took (0 without)."""
     mask_path, prob_path, overlay_path = plan
     folder = os.path.dirname(mask_path)
     if folder:
@@ -171,8 +164,21 @@ def save_outputs(probs, image, fov, plan, args):
     if args.save_prob:
         fg = torch.where(fov_t, 1 - probs[0], 0).clamp_(0, 1)
         save_png(Image.fromarray(fg.mul_(255).round_().to(torch.uint8).cpu().numpy()), prob_path)
+    measured, seconds = None, 0.0
+    if table is not None:
+        from train_utils.measurements import measure
+        t0 = time.perf_counter()
+        measured = measure(classes == 1, fov, name, args.pixel_size, args.fov_angle, args.measure_diameter)
+        seconds = time.perf_counter() - t0
     if args.overlay:
-        save_png(Image.fromarray(colour_overlay(image, classes)), overlay_path)
+        overlay = colour_overlay(image, classes)
+        if measured is not None:
+            from train_utils.measurements import draw_measurement
+            overlay = draw_measurement(overlay, measured)
+        save_png(Image.fromarray(overlay), overlay_path)
+    if measured is not None:
+        table.add(measured.row)
+    return seconds
 
 
 def save_png(image, path):
@@ -202,14 +208,6 @@ def batches_of_same_size(inputs, sizes, batch_size):
         yield group
 
 
-def photo_fov(image, mask_file, path):
-    """(FOV of one photograph, a note for its line): its --roi-mask file, else estimated from the dark border."""
-    if mask_file:
-        return read_binary(mask_file, path, image.shape[:2]), ""
-    fov, threshold = estimate_fov(image)
-    return fov, f", FOV estimated ({fov.mean():.0%} of the image, brightness > {threshold:.0f})"
-
-
 def predict_group(model, images, fovs, fov_diameter, args, **kw):
     """(class probabilities [C, H, W] of each photograph, tiles per image).
 
@@ -237,6 +235,7 @@ def main(args):
     sizes = [image_size(p) for p in inputs]  # every input readable before any work starts
     mask_files = [find_mask(args.roi_mask, p) for p in inputs]
     plans = output_paths(args, inputs, mask_files)
+    table = measurements_table(args, plans, inputs)
     weights = weights_or_default(args.weights)
     if weights.lower().endswith(".onnx"):  # exported by export.py: onnxruntime on the CPU, no PyTorch model
         from train_utils.onnx_runtime import load_onnx_model
@@ -268,13 +267,16 @@ def main(args):
         for k, i in enumerate(group):
             t1 = time.perf_counter()
             h, w = images[k].shape[:2]
-            save_outputs(probs[k], images[k], fovs[k][0], plans[i], args)
+            measuring = save_outputs(probs[k], images[k], fovs[k][0], plans[i], args, table, stem_of(inputs[i]))
             elapsed = shared + time.perf_counter() - t1
             print(f"{inputs[i]}: {w}x{h}" + (f", {tiles} tiles" if tiles > 1 else "") + fovs[k][1]
-                  + f" -> {plans[i][0]}  {elapsed:.2f} s", flush=True)
+                  + f" -> {plans[i][0]}  {elapsed:.2f} s" + (f" (measured in {measuring:.2f} s)" if table else ""),
+                  flush=True)
         del probs
     n = len(inputs)
     print(f"predicted {n} image{'s' * (n != 1)} in {time.perf_counter() - start:.1f} s")
+    if table is not None:
+        print(f"measurements of {n} image{'s' * (n != 1)}: {table.path}")
 
 
 if __name__ == "__main__":

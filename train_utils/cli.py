@@ -34,6 +34,11 @@ SHIPPED_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
 # what train.py --demo writes, then the shipped model.
 DEFAULT_WEIGHTS = tuple(os.path.join(d, "best_model.pth") for d in (TUTORIAL["output_dir"], DEMO["output_dir"]))
 PREDICTIONS_DIR = "predictions"
+MEASUREMENTS_DIR, MEASUREMENTS_CSV = "measurements", "measurements.csv"
+EXTRAS_INSTALL = "pip install -r requirements-extras.txt"
+# Masks are measured resized so that their FOV is this many pixels across (--measure-diameter; 0: as they are):
+# the shipped model's own scale (its --fov-diameter), at which a predicted mask holds all the detail it has.
+MEASURE_DIAMETER = 700
 REFERENCE_BEGIN, REFERENCE_END = "<!-- flag-reference: begin -->", "<!-- flag-reference: end -->"
 
 
@@ -261,6 +266,46 @@ def predict_parser(add_help=True, doc=None):
          help="overlap between neighbouring tiles, blended with a raised-cosine ramp")
     flag("--channels-last", dest="channels_last", default=True, action=argparse.BooleanOptionalAction,
          aliases=("--channels_last",), help="NHWC memory format (faster convolutions)")
+    flag("--measure", dest="measure", action="store_true",
+         help=f"also measure each mask (vessel density, width, tortuosity, fractal dimension, the skeleton's "
+              f"segments, junctions and end points) into {MEASUREMENTS_CSV} beside the masks, one row per "
+              f"photograph; with --overlay, the skeleton is drawn too (needs: {EXTRAS_INSTALL})")
+    _measurement_flags(flag)
+    flag("--debug", dest="debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def _measurement_flags(flag):
+    """How masks are measured (predict.py --measure, measure.py): the scale, and micrometres."""
+    flag("--measure-diameter", dest="measure_diameter", default=MEASURE_DIAMETER, type=int, metavar="PX",
+         help="with the measurements: measure each mask resized so that its FOV is PX pixels across, so that "
+              "photographs of every resolution are measured alike (0: at its own size)")
+    flag("--pixel-size", dest="pixel_size", default=None, type=float, metavar="UM",
+         help="with the measurements: micrometres a pixel, to add the _um columns")
+    flag("--fov-angle", dest="fov_angle", default=None, type=float, metavar="DEG",
+         help="with the measurements: the degrees the FOV spans (DRIVE, HRF: 45; CHASE_DB1: 30; STARE: 35), to "
+              "add the _um columns at 288 um of retina a degree")
+
+
+def measure_parser(add_help=True, doc=None):
+    """measure.py's flags: masks that already exist, measured as predict.py --measure measures its own."""
+    parser = new_parser("Measure vessel masks: density, width, tortuosity, fractal dimension and the skeleton's "
+                        "graph, per image, inside its field of view.", doc, add_help)
+    flag = Flag(parser)
+    flag("--masks", dest="masks", required=True, metavar="PATH",
+         help="a vessel mask (0/255 or 0/1, as predict.py writes them or as manual labels are) or a folder of them "
+              "(<stem>_prob.* and <stem>_overlay.* skipped)")
+    flag("--roi-mask", dest="roi_mask", default=None, metavar="PATH", aliases=("--roi_mask",),
+         help="FOV mask file, or a folder holding <stem>_mask.* or <stem>.* as predict.py looks (also one whose "
+              "stem begins the mask's, and for NN_... the only NN_...: 36_test_mask.gif for 36_manual1.gif)")
+    flag("--img", dest="img", default=None, metavar="PATH",
+         help="the photographs (file or folder, matched as --roi-mask): without --roi-mask the FOV is estimated "
+              "from them as predict.py estimates it; with --overlay they are drawn under the skeleton")
+    flag("--output-dir", dest="output_dir", default=MEASUREMENTS_DIR, metavar="DIR",
+         help=f"folder for {MEASUREMENTS_CSV} (and <stem>_overlay.png)")
+    flag("--overlay", dest="overlay", action="store_true",
+         help="also write <stem>_overlay.png: the mask, its skeleton, junctions and end points")
+    _measurement_flags(flag)
     flag("--debug", dest="debug", action="store_true", help="show tracebacks")
     return parser
 

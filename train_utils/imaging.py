@@ -13,7 +13,10 @@ import numpy as np
 from PIL import Image
 
 from .errors import UserError
-from .metrics import IGNORE_INDEX
+
+# Label pixels no metric or loss counts (outside the field of view, padding); train_utils.metrics re-exports it.
+# Defined here, not there, so that reading files needs no torch (measure.py).
+IGNORE_INDEX = 255
 
 # Suffixes Pillow decodes that these datasets use (a trailing .gz is allowed too).
 IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".ppm", ".pgm", ".pbm", ".pnm")
@@ -60,6 +63,79 @@ def files_by_stem(folder):
             if is_image_name(name):
                 found.setdefault(stem_of(name), []).append(name)
     return found
+
+
+def list_inputs(path):
+    """The image files to read: ``path`` itself, or every image file of the folder ``path``, sorted."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, n) for n in os.listdir(path)
+                       if is_image_name(n) and os.path.isfile(os.path.join(path, n)))
+        if not files:
+            raise UserError(f"folder '{path}' holds no image files ({', '.join(IMAGE_EXTS)}, or those .gz)")
+        return files
+    if not os.path.exists(path):
+        raise UserError(f"input '{path}' does not exist")
+    return [path]
+
+
+def find_mask(roi, img_path):
+    """The FOV mask file for ``img_path``: ``roi`` itself, or ``<stem>_mask.*`` / ``<stem>.*`` in the folder ``roi``."""
+    if roi is None:
+        return None
+    if not os.path.isdir(roi):
+        if not os.path.isfile(roi):
+            raise UserError(f"--roi-mask '{roi}' does not exist")
+        return roi
+    found = _by_stem(roi, img_path, (f"{stem_of(img_path)}_mask", stem_of(img_path)))
+    if found:
+        return found
+    stem = stem_of(img_path)
+    raise UserError(f"no FOV mask for '{img_path}' in '{roi}' (looked for {stem}_mask.gif, {stem}_mask.* "
+                    f"and {stem}.*)")
+
+
+def _by_stem(folder, path, stems):
+    """The first file of ``folder`` (not ``path`` itself) with one of ``stems``, in that order; else None."""
+    by_stem = files_by_stem(folder)  # a stem's names with DRIVE's .gif first
+    real = os.path.realpath(path)
+    for candidate in stems:
+        found = [n for n in by_stem.get(candidate, []) if os.path.realpath(os.path.join(folder, n)) != real]
+        if found:
+            return os.path.join(folder, found[0])
+    return None
+
+
+def find_companion(folder, path, flag):
+    """The file of ``folder`` that belongs to the label or mask ``path`` (its FOV mask, its photograph).
+
+    First as ``find_mask`` looks (``<stem>_mask.*``, ``<stem>.*``); then the
+    file whose stem, less ``_mask``, begins ``path``'s stem before a ``_`` or
+    ``.`` (CHASE_DB1's ``Image_01L_1stHO`` -> ``Image_01L``, STARE's
+    ``im0003.ah`` -> ``im0003``), the longest such; then, for a stem
+    ``NN_...`` (DRIVE's ``36_manual1``), the only file whose stem begins
+    ``NN_`` (``36_test_mask``). A ``flag`` that names a file is that file.
+    """
+    if not os.path.isdir(folder):
+        if not os.path.isfile(folder):
+            raise UserError(f"{flag} '{folder}' does not exist")
+        return folder
+    stem = stem_of(path)
+    found = _by_stem(folder, path, (f"{stem}_mask", stem))
+    if found:
+        return found
+    real = os.path.realpath(path)
+    names = [(s.removesuffix("_mask"), n) for s, ns in files_by_stem(folder).items() for n in ns[:1]
+             if os.path.realpath(os.path.join(folder, n)) != real]
+    prefixed = [(len(s), n) for s, n in names if len(stem) > len(s) and stem.startswith(s) and stem[len(s)] in "_."]
+    if prefixed:
+        return os.path.join(folder, max(prefixed)[1])
+    number = stem.split("_", 1)[0]
+    if number.isdigit() and "_" in stem:
+        same = [n for s, n in names if s.split("_", 1)[0] == number and "_" in s]
+        if len(same) == 1:
+            return os.path.join(folder, same[0])
+    raise UserError(f"no file for '{path}' in {flag} '{folder}' (looked for {stem}_mask.*, {stem}.*, a stem "
+                    f"that begins {stem}, and for NN_... the only NN_...)")
 
 
 # ---------------------------------------------------------------------------
@@ -409,6 +485,14 @@ def field_of_view(img, mask_path, img_path, fov="estimate"):
         raise UserError(f"the FOV estimated for image '{img_path}' holds no pixels (is the photograph blank?); "
                         "give FOV masks, or --fov all")
     return inside
+
+
+def photo_fov(image, mask_file, path):
+    """(FOV of one photograph, a note for its line): its --roi-mask file, else estimated from the dark border."""
+    if mask_file:
+        return read_binary(mask_file, path, image.shape[:2]), ""
+    fov, threshold = estimate_fov(image)
+    return fov, f", FOV estimated ({fov.mean():.0%} of the image, brightness > {threshold:.0f})"
 
 
 def check_min_size(paths, min_side, model, sizes=None):

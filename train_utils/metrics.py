@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from .dice_coefficient_loss import build_target, dice_per_item
 from .distributed_utils import collective_device, is_dist_avail_and_initialized
-
-IGNORE_INDEX = 255
+from .imaging import IGNORE_INDEX  # noqa: F401 - defined with the label files, re-exported here
 
 
 class ConfusionMatrix:
