@@ -10,12 +10,13 @@ import math
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import UserError
 from .metrics import IGNORE_INDEX
 
 # Suffixes Pillow decodes that these datasets use (a trailing .gz is allowed too).
+EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how a photograph is turned for display
 IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".ppm", ".pgm", ".pbm", ".pnm")
 
 
@@ -120,6 +121,16 @@ def read_image(path, mode):
     Pillow reads as 8-bit itself); 32-bit and floating-point images are refused.
     """
     return _decode(path, lambda im: _photograph(im, mode))
+
+
+def read_photograph(path):
+    """An RGB photograph as it is displayed: ``read_image`` with its EXIF orientation applied (a camera or a
+    phone adapter stores the pixels as the sensor read them and tags how to turn them)."""
+    def displayed(im):
+        if im.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            im = ImageOps.exif_transpose(im)
+        return _photograph(im, "RGB")
+    return _decode(path, displayed)
 
 
 def image_size(path):
