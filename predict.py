@@ -458,8 +458,8 @@ def main(args):
     print(f"predicted {done} image{'s' * (done != 1)} in {time.perf_counter() - start:.1f} s"
           + (f"; {bad} failed" if bad else ""))
     if bad:
-        raise UserError(f"{bad} of {done + bad} photographs failed: see '{failures.path}' (each failure is a row, "
-                        "and running the same command again tries them again)")
+        raise UserError(f"{bad} of {len(inputs)} photographs failed: see '{failures.path}' (a row each; the same "
+                        "command run again tries them again and skips what is done)")
 
 
 if __name__ == "__main__":
