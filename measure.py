@@ -115,6 +115,7 @@ def main(args):
         table.add(measured.row)
         print(f"{path}{note}: {measured.row['segments']} segments, vessel density "
               f"{measured.row['vessel_area_density']:.3f}  {time.perf_counter() - t0:.2f} s", flush=True)
+    table.merge()  # a mask measured again replaces its earlier row
     n = len(plans)
     print(f"measured {n} mask{'s' * (n != 1)} in {time.perf_counter() - start:.1f} s: {table.path}")
 

@@ -35,8 +35,15 @@ onnxruntime on the CPU instead, with the same outputs.
 Images larger than ``--tile-size`` are predicted in overlapping tiles blended
 with a smooth window, so memory stays bounded whatever the image size.
 """
+import argparse
+import itertools
 import os
+import sys
 import time
+import traceback
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 from train_utils.allocator import use_fast_allocator
 from train_utils.cli import MEASUREMENTS_CSV, predict_parser as get_args_parser, weights_or_default
@@ -53,12 +60,13 @@ from PIL import Image
 
 import src
 
+from train_utils import distributed_utils as dist_utils
 from train_utils.checkpoint import model_from_checkpoint, normalisation
-from train_utils.distributed_utils import resolve_device
+from train_utils.cohort import FAILURE_COLUMNS, FAILURES_CSV, Progress, RowLog, RunRecord, file_digest, is_done, share
 from train_utils.errors import UserError, run_cli
-from train_utils.files import atomic_write, nearest_existing
-from train_utils.imaging import (IMAGE_EXTS, check_min_size, find_mask, fov_scale, image_size, list_inputs,
-                                 palette_image, photo_fov, read_image, stem_of)
+from train_utils.files import DiskFullError, atomic_write, nearest_existing
+from train_utils.imaging import (IMAGE_EXTS, check_min_size, find_mask, fov_scale, list_inputs, palette_image,
+                                 photo_fov, read_photograph, stem_of)
 from train_utils.inference import inference_model, predict_probabilities, probabilities_at
 from train_utils.precision import autocast_dtype
 from train_utils.transforms import rescale
@@ -72,12 +80,14 @@ CLASS_COLOURS = [(0, 0, 0), (0, 255, 0), (255, 0, 0), (0, 0, 255), (255, 255, 0)
 def check_args(args):
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    if args.workers < 0:
+        raise UserError(f"--workers must be at least 0 (got {args.workers})")
+    if not args.measure and (args.pixel_size is not None or args.fov_angle is not None):
+        raise UserError("--pixel-size and --fov-angle set the units of the measurements: add --measure")
     if args.tile_size < 0 or args.tile_overlap < 0:
         raise UserError("--tile-size and --tile-overlap must be >= 0")
     if args.tile_size and args.tile_overlap >= args.tile_size:
         raise UserError(f"--tile-overlap ({args.tile_overlap}) must be smaller than --tile-size ({args.tile_size})")
-    if not args.measure and (args.pixel_size is not None or args.fov_angle is not None):
-        raise UserError("--pixel-size and --fov-angle set the units of the measurements: add --measure")
 
 
 # ---------------------------------------------------------------------------
@@ -120,7 +130,7 @@ def output_paths(args, inputs, mask_files):
 
 
 
-def measurements_table(args, plans, inputs):
+def measurements_table(args, plans, inputs, rank=None):
     """With ``--measure``: the ``measurements.csv`` beside the masks (``MeasurementsFile``), checked before any
     work (the optional packages installed, an existing file's columns), and the skeleton library warmed up."""
     if not args.measure:
@@ -131,38 +141,47 @@ def measurements_table(args, plans, inputs):
     path = os.path.join(os.path.dirname(plans[0][0]), MEASUREMENTS_CSV)
     if os.path.realpath(path) in {os.path.realpath(p) for p in inputs}:
         raise UserError(f"output '{path}' would overwrite an input file; choose another --output-dir")
-    table = MeasurementsFile(path)
+    table = MeasurementsFile(path, rank)
     warm_up()
     return table
 
 
-def colour_overlay(image, classes):
-    """The photograph with every foreground class blended in its colour."""
-    out = image.astype(np.float32)
-    for c in range(1, int(classes.max()) + 1):
-        sel = classes == c
-        colour = np.array(CLASS_COLOURS[c] if c < len(CLASS_COLOURS) else (255, 255, 255), dtype=np.float32)
-        out[sel] = (1 - OVERLAY_ALPHA) * out[sel] + OVERLAY_ALPHA * colour
-    return np.rint(out).clip(0, 255).astype(np.uint8)
+def colour_overlay(image, classes, rows=512):
+    """The photograph with every foreground class blended in its colour (computed in strips of ``rows``, so a
+    large photograph never has a float copy)."""
+    out = np.empty_like(image)
+    colours = np.array([CLASS_COLOURS[c] if c < len(CLASS_COLOURS) else (255, 255, 255)
+                        for c in range(int(classes.max()) + 1)], dtype=np.float32)
+    for r in range(0, image.shape[0], rows):
+        strip, cls = image[r:r + rows].astype(np.float32), classes[r:r + rows]
+        for c in range(1, len(colours)):
+            sel = cls == c
+            strip[sel] = (1 - OVERLAY_ALPHA) * strip[sel] + OVERLAY_ALPHA * colours[c]
+        out[r:r + rows] = np.rint(strip).clip(0, 255).astype(np.uint8)
+    return out
 
 
 def save_outputs(probs, image, fov, plan, args, table=None, name=""):
-    """Write the mask (and prob / overlay) of one image from its class probabilities [C, H, W]; with a
-    ``table`` (``--measure``), measure the vessel class (1) into its row ``name``, drawn on the overlay.
-    Returns the seconds the measuring took (0 without)."""
+    """Write the mask (and prob / overlay) of one image from its class probabilities [C, H, W], which it may
+    overwrite: a large photograph's outputs are made without a second full-size float copy. With a ``table``
+    (``--measure``), measure the vessel class (1) into its row ``name``, drawn on the overlay. Returns the
+    seconds the measuring took (0 without)."""
     mask_path, prob_path, overlay_path = plan
     folder = os.path.dirname(mask_path)
     if folder:
         os.makedirs(folder, exist_ok=True)
     fov_t = torch.from_numpy(fov).to(probs.device)
-    classes = torch.where(fov_t, probs.argmax(dim=0), 0).to(torch.uint8).cpu().numpy()
     num_classes = probs.shape[0]
     if num_classes <= 2:
-        save_png(Image.fromarray((classes > 0).astype(np.uint8) * 255), mask_path)
+        # argmax of two classes: the foreground where it is strictly the larger (a tie is the background)
+        vessels = (probs[-1] > probs[0]).logical_and_(fov_t).cpu().numpy()
+        classes = vessels.view(np.uint8)
+        save_png(Image.fromarray(classes * np.uint8(255)), mask_path)
     else:
+        classes = torch.where(fov_t, probs.argmax(dim=0), 0).to(torch.uint8).cpu().numpy()
         save_png(palette_image(classes, CLASS_COLOURS), mask_path)
     if args.save_prob:
-        fg = torch.where(fov_t, 1 - probs[0], 0).clamp_(0, 1)
+        fg = probs[0].neg_().add_(1).masked_fill_(~fov_t, 0).clamp_(0, 1)  # 1 - P(background)
         save_png(Image.fromarray(fg.mul_(255).round_().to(torch.uint8).cpu().numpy()), prob_path)
     measured, seconds = None, 0.0
     if table is not None:
@@ -177,7 +196,7 @@ def save_outputs(probs, image, fov, plan, args, table=None, name=""):
             overlay = draw_measurement(overlay, measured)
         save_png(Image.fromarray(overlay), overlay_path)
     if measured is not None:
-        table.add(measured.row)
+        table.add(measured.row)  # last: a row means every output of the photograph is written
     return seconds
 
 
@@ -196,87 +215,250 @@ def load_model(weights, device, channels_last=True):
     return inference_model(model.to(device), channels_last), ckpt.get("args", {}), kwargs
 
 
-def batches_of_same_size(inputs, sizes, batch_size):
-    """Consecutive runs of at most ``batch_size`` inputs with the same size (indices)."""
+class Photo(NamedTuple):
+    """A photograph read for the network: as displayed, its FOV, the note for its line, the network's input
+    (uint8 ``[3, h, w]``, at the model's working scale) and the seconds reading it took."""
+    image: np.ndarray
+    fov: np.ndarray
+    note: str
+    work: torch.Tensor
+    seconds: float
+
+
+def read_photo(path, mask_file, fov_diameter, multiple, model_name):
+    """The ``Photo`` of one input. A model trained with ``--fov-diameter`` sees the photograph resized so that
+    its FOV is that many pixels across, as in training."""
+    t0 = time.perf_counter()
+    image = read_photograph(path)
+    check_min_size([path], multiple, model_name, [image.shape[1::-1]])
+    fov, note = photo_fov(image, mask_file, path)
+    work = torch.from_numpy(image).permute(2, 0, 1)
+    if fov_diameter:
+        work, _ = rescale(work, fov_scale(fov, fov_diameter))
+        if min(work.shape[1:]) < multiple:
+            raise UserError(f"'{path}' brought to the model's scale (an FOV {fov_diameter:g} pixels across) is "
+                            f"{work.shape[2]}x{work.shape[1]} pixels, smaller than the {multiple}x{multiple} the "
+                            f"{model_name} model needs")
+    return Photo(image, fov, note, work, time.perf_counter() - t0)
+
+
+def attempt(fn, *args):
+    """``fn(*args)``, or the exception it raised: one photograph's failure stays its own."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - recorded for that photograph; the run goes on
+        return e
+
+
+def read_ahead(items, read, workers):
+    """``(item, read(item) or its exception)`` in order; ``workers`` threads read that many items ahead while
+    the caller works on the current one (0: each read when its turn comes)."""
+    if workers == 0:
+        for item in items:
+            yield item, attempt(read, item)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="read") as pool:
+        queue, rest = deque(), iter(items)
+        for item in itertools.islice(rest, workers):
+            queue.append((item, pool.submit(attempt, read, item)))
+        while queue:
+            item, future = queue.popleft()
+            following = next(rest, None)
+            if following is not None:
+                queue.append((following, pool.submit(attempt, read, following)))
+            yield item, future.result()
+
+
+class Behind:
+    """Runs each photograph's finishing (outputs, row, line) in one thread behind the network, in order; at
+    most one waits, so at most one full-size prediction is held. ``workers`` 0: at once, in this thread."""
+
+    def __init__(self, workers):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="write") if workers else None
+        self.pending = None
+
+    def submit(self, fn, *args):
+        if self.pool is None:
+            return fn(*args)
+        self.wait()
+        self.pending = self.pool.submit(fn, *args)
+
+    def wait(self):
+        if self.pending is not None:
+            self.pending.result()  # what failed beyond one photograph (a full disk) stops the run here
+            self.pending = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.wait()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown()
+
+
+def groups(loaded, batch_size):
+    """Runs of at most ``batch_size`` consecutive photographs with the same working size, as lists of
+    ``(index, photo)``; a failed read comes alone, as ``[(index, exception)]``."""
     group = []
-    for i in range(len(inputs)):
-        if group and (len(group) == batch_size or sizes[i] != sizes[group[0]]):
-            yield group
+    for i, photo in loaded:
+        if isinstance(photo, Exception) or (group and (len(group) == batch_size
+                                                       or photo.work.shape != group[0][1].work.shape)):
+            if group:
+                yield group
             group = []
-        group.append(i)
+            if isinstance(photo, Exception):
+                yield [(i, photo)]
+                continue
+        group.append((i, photo))
     if group:
         yield group
 
 
-def predict_group(model, images, fovs, fov_diameter, args, **kw):
-    """(class probabilities [C, H, W] of each photograph, tiles per image).
+def start_processes(device):
+    """(process info, torch device): under torchrun each process takes its share of a folder, on its GPU or,
+    on the CPU, with gloo; otherwise one process."""
+    proc = argparse.Namespace(device=device, dist_url="env://", dist_timeout=30)
+    dist_utils.init_distributed_mode(proc)
+    return proc, dist_utils.resolve_device(device, local_rank=proc.gpu, distributed=proc.distributed)
 
-    A model trained with ``--fov-diameter`` sees each photograph resized so
-    that its FOV is that many pixels across, as in training; its probabilities
-    are resized back to the photograph's own size. Without, the photographs go
-    in as they are, in one batch.
-    """
-    opts = dict(tile_size=args.tile_size, tile_overlap=args.tile_overlap, batch_size=args.batch_size,
-                tta=args.tta, channels_last=args.channels_last, **kw)
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-    if not fov_diameter:
-        return predict_probabilities(model, batch, **opts)
-    probs = []
-    for img, (fov, _) in zip(batch, fovs):
-        small, _ = rescale(img, fov_scale(fov, fov_diameter))
-        p, tiles = predict_probabilities(model, small[None], **opts)
-        probs.append(probabilities_at(p, img.shape[-2:])[0])
-    return probs, tiles
+
+def say(line, err=False):
+    """A line from any process (under torchrun ``print`` speaks only for the first)."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
 
 
 def main(args):
     check_args(args)
     inputs = list_inputs(args.img)
-    sizes = [image_size(p) for p in inputs]  # every input readable before any work starts
-    mask_files = [find_mask(args.roi_mask, p) for p in inputs]
-    plans = output_paths(args, inputs, mask_files)
-    table = measurements_table(args, plans, inputs)
+    folder = os.path.isdir(args.img)  # a folder's bad photographs are failures of their own; one photo's, the run's
+    mask_files = [attempt(find_mask, args.roi_mask, p) for p in inputs]
+    if not folder and isinstance(mask_files[0], Exception):
+        raise mask_files[0]
+    plans = output_paths(args, inputs, [m for m in mask_files if not isinstance(m, Exception)])
+    out_dir = os.path.dirname(plans[0][0]) or "."
     weights = weights_or_default(args.weights)
-    if weights.lower().endswith(".onnx"):  # exported by export.py: onnxruntime on the CPU, no PyTorch model
+    onnx = weights.lower().endswith(".onnx")
+    proc, device = start_processes("cpu" if onnx else args.device)
+    table = measurements_table(args, plans, inputs, rank=proc.rank if proc.distributed else None)
+    if onnx:  # exported by export.py: onnxruntime on the CPU, no PyTorch model
         from train_utils.onnx_runtime import load_onnx_model
         model, saved, kwargs, device = load_onnx_model(weights, args.device, args.amp)
     else:
-        device = resolve_device(args.device)
         model, saved, kwargs = load_model(weights, device, args.channels_last)
-    check_min_size(inputs, src.model_spec(kwargs["model"]).size_multiple, kwargs["model"], sizes)
     if args.tta is None:  # a recipe that validated with flip averaging is meant to be used with it
         args.tta = bool(saved.get("eval_tta", False))
     mean, std = normalisation(saved)
     amp_dtype = autocast_dtype(device, args.amp, args.amp_dtype)
-    print(f"using {device.type} device; model {src.describe(**kwargs)} from '{weights}'")
+    multiple = src.model_spec(kwargs["model"]).size_multiple
+    fov_diameter = saved.get("fov_diameter") or 0
+    print(f"using {device.type} device; model {src.describe(**kwargs)} from '{weights}'"
+          + (f"; {proc.world_size} processes share the photographs" if proc.distributed else ""))
     if args.roi_mask is None:
         print("no --roi-mask given: the field of view is estimated from each image's dark border")
 
-    # A whole image per forward when it fits in one tile (then --batch-size counts images), else tiles.
-    start = time.perf_counter()
-    for group in batches_of_same_size(inputs, sizes, args.batch_size):
+    # A folder run resumes: what the same command already wrote is done (outputs are written whole, so they
+    # exist only when complete), unless the folder's outputs came from another model or other settings. The
+    # failures of a run are tried again, and those that fail again are listed anew.
+    failures = RowLog(os.path.join(out_dir, FAILURES_CSV), FAILURE_COLUMNS,
+                      rank=proc.rank if proc.distributed else None)
+    run = RunRecord(out_dir, dict(weights=file_digest(weights), tta=args.tta, amp=amp_dtype and str(amp_dtype),
+                                  tile_size=args.tile_size, tile_overlap=args.tile_overlap, roi_mask=args.roi_mask,
+                                  measure=args.measure and [args.pixel_size, args.fov_angle, args.measure_diameter]))
+    resume = folder and run.matches()
+    if proc.distributed:
+        torch.distributed.barrier()  # every process has read the record before it is written anew
+    if folder and dist_utils.is_main_process():
+        failures.reset()
+        if not resume and run.exists():
+            print(f"'{run.path}' names another model or other settings: every photograph is predicted again")
+        run.write()
+    if proc.distributed:
+        torch.distributed.barrier()
+    names = [os.path.basename(p) for p in inputs]
+    mine = share(list(range(len(inputs))), proc.rank, proc.world_size)
+    todo = [i for i in mine if not (resume and is_done(
+        [p for p, on in zip(plans[i], (True, args.save_prob, args.overlay)) if on], stem_of(inputs[i]),
+        [table.done] if table else []))]
+    if len(todo) < len(mine):
+        print(f"{len(mine) - len(todo)} of the {len(mine)} photographs are done already (their outputs exist): "
+              f"{len(todo)} to go")
+    progress = Progress(len(todo))
+    failed = []
+    who = f"rank {proc.rank}: " if proc.distributed else ""  # every process says what it did
+
+    def fail(i, error):
+        if not folder or isinstance(error, DiskFullError):  # a full disk fails every photograph after it too
+            raise error
+        if args.debug and not isinstance(error, UserError):
+            traceback.print_exception(error)
+        reason = " ".join(str(error).split()) or type(error).__name__
+        reason = reason if isinstance(error, UserError) else f"{type(error).__name__}: {reason}"
+        failures.append({"image": names[i], "error": reason})
+        failed.append(i)
+        say(f"{who}failed: {inputs[i]}: {reason}  {progress.step()}", err=True)
+
+    @torch.inference_mode()  # the probabilities are inference tensors, changed in place
+    def finish(i, photo, probs, tiles, seconds):
         t0 = time.perf_counter()
-        images = [read_image(inputs[i], "RGB") for i in group]
-        fovs = [photo_fov(images[k], mask_files[i], inputs[i]) for k, i in enumerate(group)]
-        probs, tiles = predict_group(model, images, fovs, saved.get("fov_diameter") or 0, args,
-                                     mean=mean, std=std, multiple=src.model_spec(kwargs["model"]).size_multiple,
-                                     amp_dtype=amp_dtype)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        shared = (time.perf_counter() - t0) / len(group)  # reading and predicting, shared by the batch
-        for k, i in enumerate(group):
-            t1 = time.perf_counter()
-            h, w = images[k].shape[:2]
-            measuring = save_outputs(probs[k], images[k], fovs[k][0], plans[i], args, table, stem_of(inputs[i]))
-            elapsed = shared + time.perf_counter() - t1
-            print(f"{inputs[i]}: {w}x{h}" + (f", {tiles} tiles" if tiles > 1 else "") + fovs[k][1]
-                  + f" -> {plans[i][0]}  {elapsed:.2f} s" + (f" (measured in {measuring:.2f} s)" if table else ""),
-                  flush=True)
-        del probs
-    n = len(inputs)
-    print(f"predicted {n} image{'s' * (n != 1)} in {time.perf_counter() - start:.1f} s")
+        try:
+            probs = probabilities_at(probs[None], photo.image.shape[:2])[0]  # back to the photograph's size
+            measuring = save_outputs(probs, photo.image, photo.fov, plans[i], args, table, stem_of(inputs[i]))
+        except Exception as e:  # noqa: BLE001 - recorded for that photograph; the run goes on
+            return fail(i, e)
+        h, w = photo.image.shape[:2]
+        say(f"{who}{inputs[i]}: {w}x{h}" + (f", {tiles} tiles" if tiles > 1 else "") + photo.note
+            + f" -> {plans[i][0]}  {seconds + time.perf_counter() - t0:.2f} s"
+            + (f" (measured in {measuring:.2f} s)" if table else "") + f"  {progress.step()}")
+
+    # A whole image per forward when it fits in one tile (then --batch-size counts images), else tiles. The
+    # next photograph is read, and the last one written, while the network runs.
+    read = lambda i: read_photo(inputs[i], mask_files[i], fov_diameter, multiple, kwargs["model"])  # noqa: E731
+    start = time.perf_counter()
+    with Behind(args.workers) as behind:
+        for group in groups(read_ahead(todo, read, args.workers), args.batch_size):
+            if isinstance(group[0][1], Exception):
+                behind.submit(fail, *group[0])
+                continue
+            t0 = time.perf_counter()
+            try:
+                works = [photo.work for _, photo in group]
+                batch = works[0][None] if len(works) == 1 else torch.stack(works)
+                probs, tiles = predict_probabilities(model, batch, mean=mean, std=std, tile_size=args.tile_size,
+                                                     tile_overlap=args.tile_overlap, batch_size=args.batch_size,
+                                                     multiple=multiple, amp_dtype=amp_dtype, tta=args.tta,
+                                                     channels_last=args.channels_last)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            except Exception as e:  # noqa: BLE001 - recorded for these photographs; the run goes on
+                for i, _ in group:
+                    behind.submit(fail, i, e)
+                continue
+            shared = (time.perf_counter() - t0) / len(group)  # the network's time, shared by the batch
+            for k, (i, photo) in enumerate(group):
+                behind.submit(finish, i, photo, probs[k], tiles, photo.seconds + shared)
+            del probs
+
+    done, bad = len(todo) - len(failed), len(failed)
+    if proc.distributed:
+        counts = torch.tensor([done, bad], device=dist_utils.collective_device())
+        torch.distributed.all_reduce(counts)
+        done, bad = counts.tolist()
+    if dist_utils.is_main_process():  # the processes' rows, and a photograph measured again, in one file
+        failures.merge()
+        if table is not None:
+            table.merge()
+    print(f"predicted {done} image{'s' * (done != 1)} in {time.perf_counter() - start:.1f} s"
+          + (f"; {bad} failed" if bad else ""))
     if table is not None:
-        print(f"measurements of {n} image{'s' * (n != 1)}: {table.path}")
+        print(f"measurements of {len(inputs) - bad} image{'s' * (len(inputs) - bad != 1)}: {table.path}")
+    if bad:
+        raise UserError(f"{bad} of {len(inputs)} photographs failed: see '{failures.path}' (a row each; the same "
+                        "command run again tries them again and skips what is done)")
 
 
 if __name__ == "__main__":

@@ -151,6 +151,7 @@ def main(args):
                 if name != "pooled":
                     for pair in pairs:
                         table.add(dict(pair[which], image=f"{name}/{pair[which]['image']}"))
+            table.merge()
         with open(os.path.join(args.output_dir, "agreement.md"), "w", encoding="utf-8") as f:
             f.write(head + "\n\n" + "\n".join(lines) + "\n")
 

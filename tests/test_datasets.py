@@ -438,7 +438,7 @@ def test_predict_reads_every_dataset_format(layouts, tmp_path, drive_root):
     r = run_script("predict.py", "--weights", out / "checkpoint.pth", "--img", inputs, "--output", tmp_path / "p",
                    "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(tmp_path / "p")) == ["a.png", "b.png", "c.png", "d.png", "e.png"]
+    assert sorted(os.listdir(tmp_path / "p")) == ["a.png", "b.png", "c.png", "d.png", "e.png", "predict_run.json"]
     # The gzip-compressed copy gives exactly the uncompressed file's prediction.
     assert np.array_equal(np.array(Image.open(tmp_path / "p" / "a.png")), np.array(Image.open(tmp_path / "p" / "e.png")))
     assert "FOV estimated" in r.stdout

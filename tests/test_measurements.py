@@ -274,14 +274,16 @@ def test_measurements_file_keeps_earlier_rows_and_refuses_a_foreign_file(tmp_pat
     table.add(dict(row, image="a"))
     table.add(dict(row, image="b"))
     again = M.MeasurementsFile(str(path))  # a later run: a's row replaced, b's kept
+    assert again.done == {"a", "b"}
     again.add(dict(row, image="a", segments=1))
+    again.merge()  # at the run's end
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     assert tuple(rows[0]) == M.COLUMNS and [r[0] for r in rows[1:]] == ["b", "a"]
     assert rows[2][M.COLUMNS.index("segments")] == "1"
     foreign = tmp_path / "other.csv"
     foreign.write_text("name,value\nx,1\n")
-    with pytest.raises(UserError, match="not a measurements.csv"):
+    with pytest.raises(UserError, match="has the columns name,value"):
         M.MeasurementsFile(str(foreign))
     assert foreign.read_text() == "name,value\nx,1\n"
 

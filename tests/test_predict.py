@@ -245,7 +245,7 @@ def test_in_process_mask_lookup_and_batches(env, tmp_path, capsys):
         ["--weights", env["ckpt"], "--img", str(env["images"]), "--roi-mask", str(env["masks"] / "01_test_mask.gif"),
          "--output", str(tmp_path / "o"), "-b", "2"])
     predict.main(args)
-    assert sorted(os.listdir(tmp_path / "o")) == ["01_test.png", "02_test.png"]
+    assert sorted(os.listdir(tmp_path / "o")) == ["01_test.png", "02_test.png", "predict_run.json"]
 
 
 def test_prediction_is_the_evaluated_argmax_on_odd_sizes(tmp_path):
@@ -320,7 +320,7 @@ def test_full_disk_leaves_no_half_written_picture(env, tmp_path, capsys, monkeyp
                             "--output-dir", out, "--save-prob", "--overlay")
     assert code == 1 and len(lines) == 1, lines
     assert re.fullmatch(r"error: cannot write '.*01_test_overlay\.png': the disk is full \(errno ENOSPC\).*", lines[0])
-    assert sorted(os.listdir(out)) == ["01_test.png", "01_test_prob.png"]
+    assert sorted(os.listdir(out)) == ["01_test.png", "01_test_prob.png", "predict_run.json"]
 
 
 def test_predicting_onto_a_really_full_disk(env, small_disk, capsys):
@@ -330,6 +330,7 @@ def test_predicting_onto_a_really_full_disk(env, small_disk, capsys):
     code, lines = call_main(capsys, "--weights", env["ckpt"], "--img", env["images"], "--roi-mask", env["masks"],
                             "--output-dir", out, "--save-prob", "--overlay")
     assert code == 1 and len(lines) == 1 and "the disk is full (errno ENOSPC)" in lines[0], lines
-    for name in os.listdir(out):  # whatever was written is whole
+    pictures = [n for n in os.listdir(out) if n != "predict_run.json"]
+    for name in pictures:  # whatever was written is whole
         Image.open(out / name).load()
-    assert len(os.listdir(out)) < 6 and not [n for n in os.listdir(out) if ".tmp" in n]
+    assert len(pictures) < 6 and not [n for n in os.listdir(out) if ".tmp" in n]

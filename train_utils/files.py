@@ -14,6 +14,10 @@ DISK_FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is 
 _new_folders = []
 
 
+class DiskFullError(UserError):
+    """A write that found the disk full: nothing later can be written either, so a run stops on it."""
+
+
 def temp_name(path, suffix=""):
     """The temporary name ``path`` is written under: hidden, in the same folder (so the rename is atomic)."""
     folder, name = os.path.split(os.path.abspath(path))
@@ -55,7 +59,7 @@ def atomic_write(path, write, suffix="", durable=False):
         code = disk_full_errno(e)
         if code is None:
             raise
-        raise UserError(f"cannot write '{path}': {DISK_FULL[code]} (errno {errno.errorcode[code]}); nothing of it "
+        raise DiskFullError(f"cannot write '{path}': {DISK_FULL[code]} (errno {errno.errorcode[code]}); nothing of it "
                         "was written, and an earlier file of that name is unchanged") from None
     finally:
         if os.path.exists(tmp):

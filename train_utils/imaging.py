@@ -10,7 +10,7 @@ import math
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import UserError
 
@@ -19,6 +19,7 @@ from .errors import UserError
 IGNORE_INDEX = 255
 
 # Suffixes Pillow decodes that these datasets use (a trailing .gz is allowed too).
+EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how a photograph is turned for display
 IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".ppm", ".pgm", ".pbm", ".pnm")
 
 
@@ -196,6 +197,16 @@ def read_image(path, mode):
     Pillow reads as 8-bit itself); 32-bit and floating-point images are refused.
     """
     return _decode(path, lambda im: _photograph(im, mode))
+
+
+def read_photograph(path):
+    """An RGB photograph as it is displayed: ``read_image`` with its EXIF orientation applied (a camera or a
+    phone adapter stores the pixels as the sensor read them and tags how to turn them)."""
+    def displayed(im):
+        if im.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            im = ImageOps.exif_transpose(im)
+        return _photograph(im, "RGB")
+    return _decode(path, displayed)
 
 
 def image_size(path):
@@ -488,10 +499,17 @@ def field_of_view(img, mask_path, img_path, fov="estimate"):
 
 
 def photo_fov(image, mask_file, path):
-    """(FOV of one photograph, a note for its line): its --roi-mask file, else estimated from the dark border."""
+    """(FOV of one photograph, a note for its line): its --roi-mask file, else estimated from the dark border.
+    A photograph with no field of view (blank, all white or all black) is a UserError."""
     if mask_file:
-        return read_binary(mask_file, path, image.shape[:2]), ""
+        fov = read_binary(mask_file, path, image.shape[:2])
+        if not fov.any():
+            raise UserError(f"the FOV mask '{mask_file}' of '{path}' holds no pixels (it is all black)")
+        return fov, ""
     fov, threshold = estimate_fov(image)
+    if not fov.any():
+        raise UserError(f"'{path}' shows no field of view (no region brighter than its darkest pixels): a blank "
+                        "or wholly over- or underexposed photograph?")
     return fov, f", FOV estimated ({fov.mean():.0%} of the image, brightness > {threshold:.0f})"
 
 

@@ -10,18 +10,15 @@ angle, in micrometres (``_um``). docs/measurements.md has every formula and
 its reference. The skeleton is scikit-image's and its graph is skan's: both
 are optional packages (requirements-extras.txt), imported on first use.
 """
-import csv
-import io
 import math
-import os
 from typing import NamedTuple
 
 import numpy as np
 
+from .cli import MEASURE_DIAMETER
+from .cohort import RowLog
 from .errors import UserError
 from .extras import require
-from .files import atomic_write
-from .cli import MEASURE_DIAMETER
 from .imaging import fov_diameter
 
 # Micrometres of retina per degree of visual angle (Drasdo & Fowler 1974, the Gullstrand schematic eye): turns
@@ -381,47 +378,19 @@ def row_cells(row):
     return [_cell(row[c]) for c in COLUMNS]
 
 
-def read_csv_rows(path):
-    """The rows (lists of cells) of an existing measurements.csv; a ``UserError`` when its header is not
-    ``COLUMNS`` (another program's file, or an older version's): it is never overwritten."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            lines = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"cannot read '{path}': {e}") from None
-    if not lines or tuple(lines[0]) != COLUMNS:
-        raise UserError(f"'{path}' exists and is not a measurements.csv of these columns; move it away or write "
-                        "elsewhere (nothing was changed)")
-    return [r for r in lines[1:] if r]
-
-
-class MeasurementsFile:
-    """``measurements.csv``: one header, one row per photograph, rewritten whole after each new row.
-
-    Rows of an earlier run for other photographs are kept; a photograph
-    measured again replaces its row. The existing file is checked when the
-    object is made, before any work; each ``add`` writes the whole file to a
-    temporary name and renames it, so a crash or a full disk leaves every
-    earlier row as it was.
+class MeasurementsFile(RowLog):
+    """``measurements.csv``: one header, one row per photograph (``cohort.RowLog``: each row added whole, a
+    torchrun process's rows in a part file of its own). An existing file's columns are checked when the object
+    is made, before any work, and a file of other columns is never written to. ``merge`` at the end of a run
+    leaves one row per photograph: one measured again replaces its earlier row, the others are kept.
     """
 
-    def __init__(self, path):
-        self.path = path
-        self.rows = read_csv_rows(path) if os.path.exists(path) else []
+    def __init__(self, path, rank=None):
+        super().__init__(path, COLUMNS, rank)
+        self.done = set(self.read())
 
     def add(self, row):
-        cells = row_cells(row)
-        self.rows = [r for r in self.rows if r[0] != cells[0]] + [cells]
-        text = io.StringIO()
-        writer = csv.writer(text, lineterminator="\n")
-        writer.writerow(COLUMNS)
-        writer.writerows(self.rows)
-
-        def write(tmp):
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
-                f.write(text.getvalue())
-
-        atomic_write(self.path, write, suffix=".csv")
+        self.append(dict(zip(COLUMNS, row_cells(row))))
 
 
 # ---------------------------------------------------------------------------
