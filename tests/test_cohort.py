@@ -214,7 +214,7 @@ def test_row_log_writes_whole_rows_and_merges_parts(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["rows.csv"]
     assert [r["image"] for r in read_rows(path, ("image", "value"))] == ["a.png", "b, with a comma.png", "r0.png",
                                                                          "r1.png"]
-    with pytest.raises(UserError, match="has the columns image,value"):
+    with pytest.raises(UserError, match=r"not a rows.csv of these columns \(it has image,value\)"):
         RowLog(str(path), ("image", "other")).read()
     assert share(list(range(7)), 1, 3) == [1, 4]
     assert Progress(4).step().startswith("[1/4, ")

@@ -283,7 +283,7 @@ def test_measurements_file_keeps_earlier_rows_and_refuses_a_foreign_file(tmp_pat
     assert rows[2][M.COLUMNS.index("segments")] == "1"
     foreign = tmp_path / "other.csv"
     foreign.write_text("name,value\nx,1\n")
-    with pytest.raises(UserError, match="has the columns name,value"):
+    with pytest.raises(UserError, match="not a other.csv of these columns"):
         M.MeasurementsFile(str(foreign))
     assert foreign.read_text() == "name,value\nx,1\n"
 

@@ -117,8 +117,9 @@ def read_rows(path, columns):
     if not lines:
         return []
     if tuple(lines[0]) != tuple(columns):
-        raise UserError(f"'{path}' has the columns {','.join(lines[0])}, not this run's {','.join(columns)}: "
-                        "move it away, or use another --output-dir")
+        found = ",".join(lines[0][:4]) + (",..." if len(lines[0]) > 4 else "")
+        raise UserError(f"'{path}' exists and is not a {os.path.basename(path)} of these columns (it has {found}): "
+                        "move it away or write elsewhere (nothing was changed)")
     return [dict(zip(columns, line)) for line in lines[1:] if len(line) == len(columns)]
 
 
