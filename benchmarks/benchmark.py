@@ -11,6 +11,7 @@ and the dice against wall time of the two recipes (``--mode recipes``).
     python benchmarks/benchmark.py --mode recipes --data-path ROOT --plot docs/recipes.png   # --recipe fast vs tutorial
     python benchmarks/benchmark.py --mode photos               # the fast recipe's epoch on large photographs
     python benchmarks/benchmark.py --mode compile              # each recipe's step eager and under torch.compile
+    python benchmarks/benchmark.py --mode predict              # predict.py's photographs per minute on a folder
 
 ``--mode epoch`` runs whole processes, one configuration at a time, each as
 a user would start it: (a) is ``benchmarks/reference.py``, the tutorial's
@@ -25,6 +26,16 @@ the extra epochs, so start-up (imports, decoding, the first step's
 allocations) does not count. Configurations are interleaved, their order
 alternated by round, and medians over rounds are printed. Peak memory is the
 largest resident set of any process of the longer run (its ``ru_maxrss``).
+
+``--mode predict`` runs predict.py on a folder of ``--images`` synthetic
+photographs of each ``--photo-sizes`` (JPEGs), as whole processes, with the
+shipped model: the predict.py of ``--baseline`` (a git revision, checked out
+in a temporary worktree: one photograph after another, as it was before
+folder runs read ahead and wrote behind) against this checkout's, with its
+defaults, with ``--workers 0`` (the same code one thing at a time) and with
+``--measure``, interleaved over ``--rounds``. It prints photographs per minute
+(from each run's own "predicted N images in T s", so the start-up does not
+count), the ratio to the baseline and the peak resident memory.
 
 ``--mode allocators`` times one training step of the tutorial's model
 (batch 4, crop 480, base_c 32) in a fresh process per allocator: step time,
@@ -70,6 +81,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -79,6 +91,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+# predict.py before folder runs that finish, resume, read ahead and write behind: "today's" for --mode predict.
+PREDICT_BASELINE = "fadfadd07053a773f989de3c89e355e85e687f15"
 sys.path.insert(0, ROOT)
 
 from train_utils.allocator import find_mimalloc, find_tcmalloc  # noqa: E402
@@ -88,7 +102,7 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", default="epoch", choices=["epoch", "allocators", "precision", "recipes", "photos",
-                                                            "compile"])
+                                                            "compile", "predict"])
     parser.add_argument("--data-path", default=None,
                         help="folder that holds DRIVE/ (default: synthetic 584x565 images in a temp folder)")
     parser.add_argument("--configs", nargs="+", default=["a", "b"],
@@ -117,11 +131,17 @@ def get_args_parser():
                         help=argparse.SUPPRESS)  # synthetic image size; the tests make it tiny
     parser.add_argument("--opt", default="sgd", choices=["sgd", "adamw"],
                         help="--mode allocators / precision: the optimiser of the timed step (adamw: the fast recipe's)")
-    parser.add_argument("--photo-sizes", nargs="+", default=["960x999", "2336x3504"], metavar="HxW",
-                        help="--mode photos: synthetic photograph sizes (default CHASE_DB1's and HRF's)")
+    parser.add_argument("--photo-sizes", nargs="+", default=None, metavar="HxW",
+                        help="--mode photos / predict: synthetic photograph sizes (default CHASE_DB1's and HRF's; "
+                             "predict: DRIVE's and CHASE_DB1's)")
     parser.add_argument("--samplers", nargs="+", default=["chain", "crop-first"],
                         help="--mode photos: chain (whole-image resize and rotation, then the crop), crop-first "
                              "(train.py's), crop-first+worker (one loader process)")
+    parser.add_argument("--baseline", default=PREDICT_BASELINE, metavar="REV",
+                        help="--mode predict: the git revision whose predict.py is the baseline (default: the last "
+                             "one before folder runs that resume and read ahead)")
+    parser.add_argument("--predicts", nargs="+", default=["baseline", "new", "new-workers0", "new-measure"],
+                        help="--mode predict: which runs (baseline, new, new-workers0, new-measure)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-epochs", default=None, help=argparse.SUPPRESS)  # a photos child: its data folder
     parser.add_argument("--child-sampler", default="crop-first", help=argparse.SUPPRESS)
@@ -519,6 +539,71 @@ def run_compile(args):
 
 
 # ---------------------------------------------------------------------------
+# --mode predict
+
+
+def write_photographs(folder, count, height, width):
+    from PIL import Image
+    from train_utils.synthetic import synthetic_fundus
+    os.makedirs(folder)
+    for k in range(count):
+        image, _, _ = synthetic_fundus(height, width, seed=k)
+        Image.fromarray(image).save(os.path.join(folder, f"photo{k:03d}.jpg"), quality=95)
+
+
+def run_predicts(args):
+    """Photographs per minute of each --predicts run on each --photo-sizes folder, interleaved over rounds."""
+    weights = os.path.join(ROOT, "weights", "unet_vessels.pth")
+    samples = []
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline = os.path.join(tmp, "baseline")
+        if "baseline" in args.predicts:
+            r = subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", baseline, args.baseline],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                sys.exit(f"error: cannot check out --baseline {args.baseline}: {r.stderr.strip()}")
+        try:
+            runs = {"baseline": [sys.executable, os.path.join(baseline, "predict.py")],
+                    "new": [sys.executable, os.path.join(ROOT, "predict.py")],
+                    "new-workers0": [sys.executable, os.path.join(ROOT, "predict.py"), "--workers", "0"],
+                    "new-measure": [sys.executable, os.path.join(ROOT, "predict.py"), "--measure"]}
+            for size in args.photo_sizes:
+                h, w = (int(v) for v in size.split("x"))
+                folder = os.path.join(tmp, f"photos{size}")
+                write_photographs(folder, args.images, h, w)
+                for rnd in range(args.rounds):
+                    order = args.predicts if rnd % 2 == 0 else args.predicts[::-1]
+                    for name in order:
+                        out = os.path.join(tmp, f"out-{name}-{size}-{rnd}")
+                        wall, peak, text = run_measured(runs[name] + ["--weights", weights, "--img", folder,
+                                                                      "--output-dir", out, "--device", args.device],
+                                                        clean_env())
+                        seconds = float(re.search(r"predicted \d+ images? in ([\d.]+) s", text).group(1))
+                        samples.append({"size": size, "run": name, "round": rnd, "seconds": seconds, "wall": wall,
+                                        "per_minute": args.images / seconds * 60, "peak_mb": peak})
+                        print(f"  {size} {name} round {rnd}: {args.images / seconds * 60:.1f} photographs/min, "
+                              f"peak {peak:.0f} MB", flush=True)
+        finally:
+            if "baseline" in args.predicts:
+                subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", baseline], capture_output=True)
+    return samples
+
+
+def print_predict_table(samples, args):
+    print(f"\n| photographs | run | photographs/min, median (range) | against {args.predicts[0]} | peak RSS (MB) |")
+    print("| --- | --- | --- | --- | --- |")
+    for size in args.photo_sizes:
+        first = None
+        for name in args.predicts:
+            rates = [s["per_minute"] for s in samples if s["size"] == size and s["run"] == name]
+            peaks = [s["peak_mb"] for s in samples if s["size"] == size and s["run"] == name]
+            med = statistics.median(rates)
+            first = first or med
+            print(f"| {args.images} of {size} | {name} | {med:.1f} ({min(rates):.1f}-{max(rates):.1f}) | "
+                  f"{med / first:.2f}x | {max(peaks):.0f} |")
+
+
+# ---------------------------------------------------------------------------
 # --mode recipes
 
 
@@ -627,6 +712,8 @@ def main():
         return photos_child(args) if args.child_epochs else step_child(args)
     if args.epochs is None:
         args.epochs = 3 if args.device == "cpu" else 12
+    if args.photo_sizes is None:
+        args.photo_sizes = ["584x565", "960x999"] if args.mode == "predict" else ["960x999", "2336x3504"]
     if args.rounds < 1 or args.epochs < 2 or args.steps < 1 or args.tutorial_epochs < 1:
         sys.exit("error: --rounds, --steps and --tutorial-epochs must be at least 1, --epochs at least 2")
     if args.mode == "precision" and args.device != "cpu":
@@ -634,7 +721,7 @@ def main():
     unknown = set(args.configs) - {"a", "b", "b-glibc", "b-mimalloc", "b-tcmalloc"}
     if unknown:
         sys.exit(f"error: unknown --configs {sorted(unknown)}")
-    sizes = ("" if args.mode in ("recipes", "photos", "compile")
+    sizes = ("" if args.mode in ("recipes", "photos", "compile", "predict")
              else f", batch {args.batch_size}, crop {args.crop_size}, base_c {args.base_c}")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}, "
           f"mode {args.mode}, device {args.device}{sizes}", flush=True)
@@ -642,6 +729,9 @@ def main():
         samples = run_allocators(args)
     elif args.mode == "photos":
         samples = run_photos(args)
+    elif args.mode == "predict":
+        samples = run_predicts(args)
+        print_predict_table(samples, args)
     elif args.mode == "compile":
         samples = run_compile(args)
     elif args.mode == "precision":

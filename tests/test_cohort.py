@@ -18,6 +18,7 @@ from train_utils.cohort import Progress, RowLog, read_rows, share
 from train_utils.errors import UserError
 from train_utils.imaging import estimate_fov, fov_scale, read_image
 from train_utils.inference import inference_model, predict_probabilities, probabilities_at
+from train_utils.measurements import MeasurementsFile
 from train_utils.synthetic import synthetic_fundus
 from train_utils.transforms import DRIVE_MEAN, DRIVE_STD, rescale
 
@@ -151,7 +152,7 @@ def test_a_killed_run_resumes_where_it_stopped(weights, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, os.path.join(ROOT, "predict.py"), "--weights", weights["plain"], "--img", photos,
-           "--output-dir", str(out), "--device", "cpu", "--overlay"]
+           "--output-dir", str(out), "--device", "cpu", "--overlay", "--measure"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     done_lines = 0
     for line in proc.stdout:
@@ -172,6 +173,10 @@ def test_a_killed_run_resumes_where_it_stopped(weights, tmp_path):
     assert len(redone) == 12 - skipped  # each photograph once, over the two runs
     assert outputs_of(out) == sorted([f"p{k:02d}.png" for k in range(12)] + [f"p{k:02d}_overlay.png" for k in range(12)])
     assert [row["image"] for row in read_rows(out / "failures.csv", ("image", "error"))] == ["zz_bad.png"]
+    # Every row the killed run wrote is kept, and each photograph has one.
+    assert sorted(MeasurementsFile(str(out / "measurements.csv")).read()) == [f"p{k:02d}" for k in range(12)]
+    with open(out / "measurements.csv") as f:
+        assert len(f.read().splitlines()) == 1 + 12
     # Another model in the same folder predicts everything again, rather than keeping the first model's masks.
     r = run_script("predict.py", cmd[2], weights["scaled"], *cmd[4:])
     assert "every photograph is predicted again" in r.stdout and "done already" not in r.stdout
