@@ -36,13 +36,9 @@ Images larger than ``--tile-size`` are predicted in overlapping tiles blended
 with a smooth window, so memory stays bounded whatever the image size.
 """
 import argparse
-import itertools
 import os
-import sys
 import time
 import traceback
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 from train_utils.allocator import use_fast_allocator
@@ -62,7 +58,8 @@ import src
 
 from train_utils import distributed_utils as dist_utils
 from train_utils.checkpoint import model_from_checkpoint, normalisation
-from train_utils.cohort import FAILURE_COLUMNS, FAILURES_CSV, Progress, RowLog, RunRecord, file_digest, is_done, share
+from train_utils.cohort import (FAILURE_COLUMNS, FAILURES_CSV, Behind, Progress, RowLog, RunRecord, attempt,
+                                file_digest, is_done, read_ahead, say, share)
 from train_utils.errors import UserError, run_cli
 from train_utils.files import DiskFullError, atomic_write, nearest_existing
 from train_utils.imaging import (IMAGE_EXTS, check_min_size, find_mask, fov_scale, list_inputs, palette_image,
@@ -242,63 +239,6 @@ def read_photo(path, mask_file, fov_diameter, multiple, model_name):
     return Photo(image, fov, note, work, time.perf_counter() - t0)
 
 
-def attempt(fn, *args):
-    """``fn(*args)``, or the exception it raised: one photograph's failure stays its own."""
-    try:
-        return fn(*args)
-    except Exception as e:  # noqa: BLE001 - recorded for that photograph; the run goes on
-        return e
-
-
-def read_ahead(items, read, workers):
-    """``(item, read(item) or its exception)`` in order; ``workers`` threads read that many items ahead while
-    the caller works on the current one (0: each read when its turn comes)."""
-    if workers == 0:
-        for item in items:
-            yield item, attempt(read, item)
-        return
-    with ThreadPoolExecutor(workers, thread_name_prefix="read") as pool:
-        queue, rest = deque(), iter(items)
-        for item in itertools.islice(rest, workers):
-            queue.append((item, pool.submit(attempt, read, item)))
-        while queue:
-            item, future = queue.popleft()
-            following = next(rest, None)
-            if following is not None:
-                queue.append((following, pool.submit(attempt, read, following)))
-            yield item, future.result()
-
-
-class Behind:
-    """Runs each photograph's finishing (outputs, row, line) in one thread behind the network, in order; at
-    most one waits, so at most one full-size prediction is held. ``workers`` 0: at once, in this thread."""
-
-    def __init__(self, workers):
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="write") if workers else None
-        self.pending = None
-
-    def submit(self, fn, *args):
-        if self.pool is None:
-            return fn(*args)
-        self.wait()
-        self.pending = self.pool.submit(fn, *args)
-
-    def wait(self):
-        if self.pending is not None:
-            self.pending.result()  # what failed beyond one photograph (a full disk) stops the run here
-            self.pending = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            self.wait()
-        finally:
-            if self.pool is not None:
-                self.pool.shutdown()
-
-
 def groups(loaded, batch_size):
     """Runs of at most ``batch_size`` consecutive photographs with the same working size, as lists of
     ``(index, photo)``; a failed read comes alone, as ``[(index, exception)]``."""
@@ -323,13 +263,6 @@ def start_processes(device):
     proc = argparse.Namespace(device=device, dist_url="env://", dist_timeout=30)
     dist_utils.init_distributed_mode(proc)
     return proc, dist_utils.resolve_device(device, local_rank=proc.gpu, distributed=proc.distributed)
-
-
-def say(line, err=False):
-    """A line from any process (under torchrun ``print`` speaks only for the first)."""
-    stream = sys.stderr if err else sys.stdout
-    stream.write(line + "\n")
-    stream.flush()
 
 
 def main(args):

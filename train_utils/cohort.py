@@ -1,13 +1,18 @@
 """Folder runs of predict.py that finish and resume: a run's CSV files written a whole row at a time, which
-photographs are already done, the share of each torchrun process, and the progress line with the rate."""
+photographs are already done, the share of each torchrun process, reading ahead and writing behind the
+network in threads, and the progress line with the rate."""
 import csv
 import datetime
 import errno
 import hashlib
 import io
+import itertools
 import json
 import os
+import sys
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 from .errors import UserError
 from .files import DISK_FULL, DiskFullError, atomic_write
@@ -184,3 +189,67 @@ def file_digest(path, chunk=1 << 20):
         for block in iter(lambda: f.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def attempt(fn, *args):
+    """``fn(*args)``, or the exception it raised: one photograph's failure stays its own."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - recorded for that photograph; the run goes on
+        return e
+
+
+def read_ahead(items, read, workers):
+    """``(item, read(item) or its exception)`` in order; ``workers`` threads read that many items ahead while
+    the caller works on the current one (0: each read when its turn comes)."""
+    if workers == 0:
+        for item in items:
+            yield item, attempt(read, item)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="read") as pool:
+        queue, rest = deque(), iter(items)
+        for item in itertools.islice(rest, workers):
+            queue.append((item, pool.submit(attempt, read, item)))
+        while queue:
+            item, future = queue.popleft()
+            following = next(rest, None)
+            if following is not None:
+                queue.append((following, pool.submit(attempt, read, following)))
+            yield item, future.result()
+
+
+class Behind:
+    """Runs each photograph's finishing (outputs, row, line) in one thread behind the network, in order; at
+    most one waits, so at most one full-size prediction is held. ``workers`` 0: at once, in this thread."""
+
+    def __init__(self, workers):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="write") if workers else None
+        self.pending = None
+
+    def submit(self, fn, *args):
+        if self.pool is None:
+            return fn(*args)
+        self.wait()
+        self.pending = self.pool.submit(fn, *args)
+
+    def wait(self):
+        if self.pending is not None:
+            self.pending.result()  # what failed beyond one photograph (a full disk) stops the run here
+            self.pending = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.wait()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown()
+
+
+def say(line, err=False):
+    """A line from any process (under torchrun ``print`` speaks only for the first)."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
