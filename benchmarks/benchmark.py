@@ -140,8 +140,9 @@ def get_args_parser():
     parser.add_argument("--baseline", default=PREDICT_BASELINE, metavar="REV",
                         help="--mode predict: the git revision whose predict.py is the baseline (default: the last "
                              "one before folder runs that resume and read ahead)")
-    parser.add_argument("--predicts", nargs="+", default=["baseline", "new", "new-workers0", "new-measure"],
-                        help="--mode predict: which runs (baseline, new, new-workers0, new-measure)")
+    parser.add_argument("--predicts", nargs="+", default=["baseline", "new", "new-workers0", "new-measure", "new-2proc"],
+                        help="--mode predict: which runs (baseline, new, new-workers0, new-measure, new-2proc: "
+                             "torchrun's two single-thread processes)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-epochs", default=None, help=argparse.SUPPRESS)  # a photos child: its data folder
     parser.add_argument("--child-sampler", default="crop-first", help=argparse.SUPPRESS)
@@ -566,7 +567,10 @@ def run_predicts(args):
             runs = {"baseline": [sys.executable, os.path.join(baseline, "predict.py")],
                     "new": [sys.executable, os.path.join(ROOT, "predict.py")],
                     "new-workers0": [sys.executable, os.path.join(ROOT, "predict.py"), "--workers", "0"],
-                    "new-measure": [sys.executable, os.path.join(ROOT, "predict.py"), "--measure"]}
+                    "new-measure": [sys.executable, os.path.join(ROOT, "predict.py"), "--measure"],
+                    # two processes of one thread each (torchrun's default OMP_NUM_THREADS) sharing the folder
+                    "new-2proc": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                  os.path.join(ROOT, "predict.py")]}
             for size in args.photo_sizes:
                 h, w = (int(v) for v in size.split("x"))
                 folder = os.path.join(tmp, f"photos{size}")
