@@ -65,9 +65,10 @@ class Segmenter:
     def __init__(self, args):
         import predict
         from train_utils.distributed_utils import resolve_device
-        from train_utils.measurements import check_available
+        from train_utils.measurements import check_available, warm_up
 
         check_available()  # the measurements' packages, before the page opens
+        warm_up()  # skan compiles while the model loads and the page starts, not on the first photograph
         self.predict = predict
         self.weights = weights_or_default(args.weights)
         self.settings = prediction_settings(args)
@@ -144,8 +145,7 @@ class Segmenter:
         """(gallery, measurements, downloads, status, photographs box, masks box) for the page."""
         gallery, files = [], []
         for name, (mask, prob, overlay), _ in done:
-            gallery += [(overlay, f"{name}: the vessels found (green) and the measured skeleton"),
-                        (prob, f"{name}: the vessel probability (white: 1)"), (mask, f"{name}: the mask")]
+            gallery += [(overlay, f"{name}: vessels"), (prob, f"{name}: probability"), (mask, f"{name}: mask")]
             files += [mask, prob, overlay]
         rows = table.read()
         data = [[name, f"{seconds:.2f}"] + [rows[self.predict.stem_of(name)][c] for c in SHOWN]
@@ -254,21 +254,24 @@ def build_page(segmenter):
     """The gr.Blocks of the page, its queue set: one photograph at a time, QUEUE_SIZE submissions waiting."""
     gr = gradio()
     card = model_card()
-    with gr.Blocks(title="Retinal vessels: U-Net", analytics_enabled=False,
+    with gr.Blocks(title="Retinal vessels: U-Net", analytics_enabled=False, fill_width=True,
                    delete_cache=(RESULTS_SWEEP_S, RESULTS_KEPT_S)) as page:
         gr.Markdown("# Retinal vessels in fundus photographs\n\n" + about(segmenter, card))
         with gr.Row():
             photos = gr.File(label="Photographs (.jpg, .png, .tif, ...): drop one or several", file_count="multiple",
-                             type="filepath", elem_id="photos")
-            masks = gr.File(label="FOV masks (optional; for several photographs named <stem>_mask.* or <stem>.*). "
-                                  "Without them the field of view is estimated.", file_count="multiple",
-                            type="filepath", elem_id="masks")
+                             type="filepath", height=150, elem_id="photos")
+            masks = gr.File(label="FOV masks (optional)", file_count="multiple",
+                            type="filepath", height=150, elem_id="masks")
+        gr.Markdown("FOV masks: one for one photograph, else each named as the photograph's stem with `_mask` or "
+                    "without (`36_test_mask.gif` or `36_test.png` for `36_test.tif`); without them the field of "
+                    "view is estimated from the dark border.")
         with gr.Row():
             tta = gr.Checkbox(value=segmenter.tta, label="Average over flips (about 3 times slower)")
             run = gr.Button("Find the vessels", variant="primary", elem_id="run")
         status = gr.Markdown(elem_id="status")
-        gallery = gr.Gallery(label="Each photograph: the vessels over it, their probability, the mask (click one "
-                                   "to enlarge it)", columns=3, height="auto", object_fit="contain",
+        gallery = gr.Gallery(label="Each photograph: the vessels found (green) and the measured skeleton (yellow; "
+                                   "junctions red, end points blue), the vessel probability (white: 1), the mask. "
+                                   "Click one to enlarge it.", columns=3, height="auto", object_fit="contain",
                              elem_id="results")
         measurements = gr.Dataframe(label="Measurements (docs/measurements.md; every column in measurements.csv); "
                                           "seconds: the time the photograph took", headers=["photograph", "seconds",

@@ -41,8 +41,9 @@ EXTRAS_INSTALL = "pip install -r requirements-extras.txt"
 MEASURE_DIAMETER = 700
 # app.py's page: where it listens (this machine only, unless asked), and the largest photograph it takes. 25
 # megapixels hold every fundus camera's photograph (HRF's 3504 x 2336 are 8.2; a DSLR-based camera's 6000 x 4000
-# are 24) and bound one photograph's memory to about 1.5 GB; the shipped model sees a 700-pixel FOV, so more
-# pixels add time and memory, not vessels it can find. predict.py takes any size.
+# are 24); a 24-megapixel one takes the page about 1 GB above the 1 GB it holds at rest, so 48 would take 2. The
+# shipped model sees a 700-pixel FOV: more pixels add time and memory, not vessels it can find. predict.py takes
+# any size.
 APP_HOST, APP_PORT, APP_MAX_MEGAPIXELS = "127.0.0.1", 7860, 25.0
 REFERENCE_BEGIN, REFERENCE_END = "<!-- flag-reference: begin -->", "<!-- flag-reference: end -->"
 
