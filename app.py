@@ -210,7 +210,7 @@ class Readable:
         text = text.replace(os.path.join(self.folder, "masks"), "the FOV masks dropped")
         for path, name in self.names.items():
             text = text.replace(path, name)
-        return text.replace(self.folder + os.sep, "")
+        return text.replace(os.path.join(self.folder, "out") + os.sep, "").replace(self.folder + os.sep, "")
 
 
 def remove_upload(path):
