@@ -310,6 +310,7 @@ def users(args):
 
 def main(args):
     start = time.perf_counter()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stop (kill, a Space's restart) deletes the files too
     gr = gradio()
     auth = users(args)
     segmenter = Segmenter(args)
@@ -323,7 +324,6 @@ def main(args):
     if args.host not in ("127.0.0.1", "localhost", "::1") and not auth:
         print(f"note: listening on {args.host} without --auth: anyone who reaches this port can use the page")
     print(f"the page is at {url} (ready in {time.perf_counter() - start:.1f} s; Ctrl+C stops it)", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stop (kill, a Space's restart) deletes the files too
     try:
         page.block_thread()
     finally:
