@@ -59,7 +59,7 @@ import src
 from train_utils import distributed_utils as dist_utils
 from train_utils.checkpoint import model_from_checkpoint, normalisation
 from train_utils.cohort import (FAILURE_COLUMNS, FAILURES_CSV, Behind, Progress, RowLog, RunRecord, attempt,
-                                file_digest, is_done, read_ahead, say, share)
+                                failure_reason, file_digest, is_done, read_ahead, say, share)
 from train_utils.errors import UserError, run_cli
 from train_utils.files import DiskFullError, atomic_write, nearest_existing
 from train_utils.imaging import (IMAGE_EXTS, check_min_size, find_mask, fov_scale, list_inputs, palette_image,
@@ -158,6 +158,7 @@ def colour_overlay(image, classes, rows=512):
     return out
 
 
+@torch.inference_mode()  # the probabilities are inference tensors, changed in place
 def save_outputs(probs, image, fov, plan, args, table=None, name=""):
     """Write the mask (and prob / overlay) of one image from its class probabilities [C, H, W], which it may
     overwrite: a large photograph's outputs are made without a second full-size float copy. With a ``table``
@@ -210,6 +211,55 @@ def load_model(weights, device, channels_last=True):
     """The model of a train.py checkpoint, ready for inference, the checkpoint's ``args`` dict and model kwargs."""
     model, ckpt, kwargs = model_from_checkpoint(weights, "predict.py reads RGB photographs")
     return inference_model(model.to(device), channels_last), ckpt.get("args", {}), kwargs
+
+
+class Network(NamedTuple):
+    """A loaded model and what running it takes: the checkpoint's ``args`` (or the export's metadata), its
+    ``build_model`` kwargs, the device, the normalisation, the autocast dtype, the size multiple and the FOV
+    scale it was trained at (0: none)."""
+    model: object
+    saved: dict
+    kwargs: dict
+    device: torch.device
+    mean: list
+    std: list
+    amp_dtype: object
+    multiple: int
+    fov_diameter: float
+
+
+def open_network(weights, device, args):
+    """The ``Network`` of a checkpoint, or of an ``.onnx`` model (onnxruntime on the CPU, whatever ``device``),
+    with ``args``' --device, --amp, --amp-dtype and --channels-last."""
+    if weights.lower().endswith(".onnx"):  # exported by export.py: no PyTorch model
+        from train_utils.onnx_runtime import load_onnx_model
+        model, saved, kwargs, device = load_onnx_model(weights, args.device, args.amp)
+    else:
+        model, saved, kwargs = load_model(weights, device, args.channels_last)
+    mean, std = normalisation(saved)
+    return Network(model, saved, kwargs, device, mean, std, autocast_dtype(device, args.amp, args.amp_dtype),
+                   src.model_spec(kwargs["model"]).size_multiple, saved.get("fov_diameter") or 0)
+
+
+def run_network(net, works, args):
+    """(class probabilities ``[N, C, h, w]`` at the working scale, tiles per image) of the photographs' network
+    inputs ``works`` (``Photo.work``, all of one size), as ``args`` (--tile-size, --tta, ...) asks."""
+    batch = works[0][None] if len(works) == 1 else torch.stack(works)
+    probs, tiles = predict_probabilities(net.model, batch, mean=net.mean, std=net.std, tile_size=args.tile_size,
+                                         tile_overlap=args.tile_overlap, batch_size=args.batch_size,
+                                         multiple=net.multiple, amp_dtype=net.amp_dtype, tta=args.tta,
+                                         channels_last=args.channels_last)
+    if net.device.type == "cuda":
+        torch.cuda.synchronize(net.device)
+    return probs, tiles
+
+
+@torch.inference_mode()
+def predict_photo(net, photo, args):
+    """One photograph in memory: (its class probabilities ``[C, H, W]`` at its own size, tiles), what
+    ``save_outputs`` takes; the folder run of ``main`` computes the same, a batch at a time."""
+    probs, tiles = run_network(net, [photo.work], args)
+    return probabilities_at(probs, photo.image.shape[:2])[0], tiles
 
 
 class Photo(NamedTuple):
@@ -275,20 +325,12 @@ def main(args):
     plans = output_paths(args, inputs, [m for m in mask_files if not isinstance(m, Exception)])
     out_dir = os.path.dirname(plans[0][0]) or "."
     weights = weights_or_default(args.weights)
-    onnx = weights.lower().endswith(".onnx")
-    proc, device = start_processes("cpu" if onnx else args.device)
+    proc, device = start_processes("cpu" if weights.lower().endswith(".onnx") else args.device)
     table = measurements_table(args, plans, inputs, rank=proc.rank if proc.distributed else None)
-    if onnx:  # exported by export.py: onnxruntime on the CPU, no PyTorch model
-        from train_utils.onnx_runtime import load_onnx_model
-        model, saved, kwargs, device = load_onnx_model(weights, args.device, args.amp)
-    else:
-        model, saved, kwargs = load_model(weights, device, args.channels_last)
+    net = open_network(weights, device, args)
+    kwargs, device, amp_dtype = net.kwargs, net.device, net.amp_dtype
     if args.tta is None:  # a recipe that validated with flip averaging is meant to be used with it
-        args.tta = bool(saved.get("eval_tta", False))
-    mean, std = normalisation(saved)
-    amp_dtype = autocast_dtype(device, args.amp, args.amp_dtype)
-    multiple = src.model_spec(kwargs["model"]).size_multiple
-    fov_diameter = saved.get("fov_diameter") or 0
+        args.tta = bool(net.saved.get("eval_tta", False))
     print(f"using {device.type} device; model {src.describe(**kwargs)} from '{weights}'"
           + (f"; {proc.world_size} processes share the photographs" if proc.distributed else ""))
     if args.roi_mask is None:
@@ -329,8 +371,7 @@ def main(args):
             raise error
         if args.debug and not isinstance(error, UserError):
             traceback.print_exception(error)
-        reason = " ".join(str(error).split()) or type(error).__name__
-        reason = reason if isinstance(error, UserError) else f"{type(error).__name__}: {reason}"
+        reason = failure_reason(error)
         failures.append({"image": names[i], "error": reason})
         failed.append(i)
         say(f"{who}failed: {inputs[i]}: {reason}  {progress.step()}", err=True)
@@ -350,7 +391,7 @@ def main(args):
 
     # A whole image per forward when it fits in one tile (then --batch-size counts images), else tiles. The
     # next photograph is read, and the last one written, while the network runs.
-    read = lambda i: read_photo(inputs[i], mask_files[i], fov_diameter, multiple, kwargs["model"])  # noqa: E731
+    read = lambda i: read_photo(inputs[i], mask_files[i], net.fov_diameter, net.multiple, kwargs["model"])  # noqa: E731
     start = time.perf_counter()
     with Behind(args.workers) as behind:
         for group in groups(read_ahead(todo, read, args.workers), args.batch_size):
@@ -359,14 +400,7 @@ def main(args):
                 continue
             t0 = time.perf_counter()
             try:
-                works = [photo.work for _, photo in group]
-                batch = works[0][None] if len(works) == 1 else torch.stack(works)
-                probs, tiles = predict_probabilities(model, batch, mean=mean, std=std, tile_size=args.tile_size,
-                                                     tile_overlap=args.tile_overlap, batch_size=args.batch_size,
-                                                     multiple=multiple, amp_dtype=amp_dtype, tta=args.tta,
-                                                     channels_last=args.channels_last)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                probs, tiles = run_network(net, [photo.work for _, photo in group], args)
             except Exception as e:  # noqa: BLE001 - recorded for these photographs; the run goes on
                 for i, _ in group:
                     behind.submit(fail, i, e)

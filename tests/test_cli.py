@@ -23,6 +23,7 @@ SCRIPTS = {
     "train_multi_GPU.py": (["train_multi_GPU.py"], cli.train_multi_gpu_parser, [], ["--world-size", "x"]),
     "predict.py": (["predict.py"], cli.predict_parser, ["--img", "x.png"], ["-b", "x"]),
     "export.py": (["export.py"], cli.export_parser, [], ["--format", "x"]),
+    "app.py": (["app.py"], cli.app_parser, [], ["--port", "x"]),
     "compute_mean_std.py": (["compute_mean_std.py"], cli.compute_mean_std_parser, [], ["--split", "x"]),
     "my_dataset.py": (["my_dataset.py"], cli.synthetic_parser, [], ["--num-train", "x"]),
     "synthetic": (["-m", "train_utils.synthetic"], cli.synthetic_parser, [], ["--dataset", "x"]),
@@ -33,6 +34,7 @@ HIDDEN = {
                  "--val-tile-size", "--save_best", "--no-save_best"},
     "predict.py": {"--roi_mask", "--save_prob", "--channels_last", "--no-channels_last"},
     "export.py": set(),
+    "app.py": set(),
     "compute_mean_std.py": set(),
     "my_dataset.py": {"--out", "--layout"},
 }
@@ -100,7 +102,7 @@ def test_the_parsers_dataset_names_are_the_registry():
 def test_the_parsers_load_without_torch():
     code = ("import sys\nfrom train_utils import cli\n"
             "for make in (cli.train_parser, cli.train_multi_gpu_parser, cli.predict_parser, cli.export_parser,\n"
-            "             cli.compute_mean_std_parser, cli.synthetic_parser):\n"
+            "             cli.compute_mean_std_parser, cli.synthetic_parser, cli.app_parser):\n"
             "    make().format_help()\n"
             "cli.flag_reference()\n"
             "import src; src.MODEL_NAMES\n"

@@ -39,6 +39,12 @@ EXTRAS_INSTALL = "pip install -r requirements-extras.txt"
 # Masks are measured resized so that their FOV is this many pixels across (--measure-diameter; 0: as they are):
 # the shipped model's own scale (its --fov-diameter), at which a predicted mask holds all the detail it has.
 MEASURE_DIAMETER = 700
+# app.py's page: where it listens (this machine only, unless asked), and the largest photograph it takes. 25
+# megapixels hold every fundus camera's photograph (HRF's 3504 x 2336 are 8.2; a DSLR-based camera's 6000 x 4000
+# are 24); a 24-megapixel one takes the page about 1 GB above the 1 GB it holds at rest, so 48 would take 2. The
+# shipped model sees a 700-pixel FOV: more pixels add time and memory, not vessels it can find. predict.py takes
+# any size.
+APP_HOST, APP_PORT, APP_MAX_MEGAPIXELS = "127.0.0.1", 7860, 25.0
 REFERENCE_BEGIN, REFERENCE_END = "<!-- flag-reference: begin -->", "<!-- flag-reference: end -->"
 
 
@@ -310,6 +316,34 @@ def measure_parser(add_help=True, doc=None):
          help="also write <stem>_overlay.png: the mask, its skeleton, junctions and end points")
     _measurement_flags(flag)
     flag("--debug", dest="debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def app_parser(add_help=True, doc=None):
+    """app.py's flags: the model, where the page listens, who may open it, and what it takes."""
+    parser = new_parser("A web page on this machine: drop fundus photographs (and their FOV masks), see their "
+                        "vessels, measurements\nand times, download the masks, probability maps and measurements.csv.",
+                        doc, add_help)
+    flag = Flag(parser)
+    _weights_flag(flag, "checkpoint written by train.py, or an .onnx model written by export.py, as predict.py "
+                        "takes")
+    flag("--host", dest="host", default=os.environ.get("GRADIO_SERVER_NAME", APP_HOST), metavar="ADDRESS",
+         help=f"address to listen on: {APP_HOST} is this machine only; 0.0.0.0 every network interface, e.g. a "
+              "lab's server (then give --auth); $GRADIO_SERVER_NAME when set, as Hugging Face Spaces set it")
+    flag("--port", dest="port", default=int(os.environ.get("GRADIO_SERVER_PORT", APP_PORT)), type=int, metavar="N",
+         help="port to listen on ($GRADIO_SERVER_PORT when set)")
+    flag("--auth", dest="auth", action="append", default=None, metavar="USER:PASSWORD",
+         help="ask for this user name and password before the page opens; repeat for more users")
+    flag("--auth-file", dest="auth_file", default=None, metavar="FILE",
+         help="users and passwords from FILE, one USER:PASSWORD a line (# comments), kept off the command line")
+    flag("--root-path", dest="root_path", default=None, metavar="PATH",
+         help="the page's path behind a reverse proxy that serves it under a sub-path, e.g. /vessels")
+    flag("--device", dest="device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
+    flag("--tile-size", dest="tile_size", default=TUTORIAL["val_tile_size"], type=int, metavar="PX",
+         help="photographs larger than this at the model's scale are predicted in tiles, as predict.py does")
+    flag("--max-megapixels", dest="max_megapixels", default=APP_MAX_MEGAPIXELS, type=float, metavar="MP",
+         help="refuse larger photographs, before decoding them (predict.py takes any size)")
+    flag("--debug", dest="debug", action="store_true", help="show tracebacks (on the console; the page shows one line)")
     return parser
 
 

@@ -191,6 +191,12 @@ def file_digest(path, chunk=1 << 20):
     return digest.hexdigest()
 
 
+def failure_reason(error):
+    """One photograph's failure as one line: a ``UserError``'s message, anything else's type and message."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return reason if isinstance(error, UserError) else f"{type(error).__name__}: {reason}"
+
+
 def attempt(fn, *args):
     """``fn(*args)``, or the exception it raised: one photograph's failure stays its own."""
     try:
