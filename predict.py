@@ -315,117 +315,146 @@ def start_processes(device):
     return proc, dist_utils.resolve_device(device, local_rank=proc.gpu, distributed=proc.distributed)
 
 
-def main(args):
-    check_args(args)
-    inputs = list_inputs(args.img)
-    folder = os.path.isdir(args.img)  # a folder's bad photographs are failures of their own; one photo's, the run's
-    mask_files = [attempt(find_mask, args.roi_mask, p) for p in inputs]
-    if not folder and isinstance(mask_files[0], Exception):
-        raise mask_files[0]
-    plans = output_paths(args, inputs, [m for m in mask_files if not isinstance(m, Exception)])
-    out_dir = os.path.dirname(plans[0][0]) or "."
-    weights = weights_or_default(args.weights)
-    proc, device = start_processes("cpu" if weights.lower().endswith(".onnx") else args.device)
-    table = measurements_table(args, plans, inputs, rank=proc.rank if proc.distributed else None)
-    net = open_network(weights, device, args)
-    kwargs, device, amp_dtype = net.kwargs, net.device, net.amp_dtype
-    if args.tta is None:  # a recipe that validated with flip averaging is meant to be used with it
-        args.tta = bool(net.saved.get("eval_tta", False))
-    print(f"using {device.type} device; model {src.describe(**kwargs)} from '{weights}'"
-          + (f"; {proc.world_size} processes share the photographs" if proc.distributed else ""))
-    if args.roi_mask is None:
-        print("no --roi-mask given: the field of view is estimated from each image's dark border")
+class PhotoRun:
+    """One run over the photographs of ``--img``: which are left to do, each one's outputs, row and line when it
+    is done or fails, and the summary. A folder's bad photograph is a failure of its own (a line, a row of
+    failures.csv, the exit code at the end); a single photograph's failure stops the run with its one line."""
 
-    # A folder run resumes: what the same command already wrote is done (outputs are written whole, so they
-    # exist only when complete), unless the folder's outputs came from another model or other settings. The
-    # failures of a run are tried again, and those that fail again are listed anew.
-    failures = RowLog(os.path.join(out_dir, FAILURES_CSV), FAILURE_COLUMNS,
-                      rank=proc.rank if proc.distributed else None)
-    run = RunRecord(out_dir, dict(weights=file_digest(weights), tta=args.tta, amp=amp_dtype and str(amp_dtype),
-                                  tile_size=args.tile_size, tile_overlap=args.tile_overlap, roi_mask=args.roi_mask,
-                                  measure=args.measure and [args.pixel_size, args.fov_angle, args.measure_diameter]))
-    resume = folder and run.matches()
-    if proc.distributed:
-        torch.distributed.barrier()  # every process has read the record before it is written anew
-    if folder and dist_utils.is_main_process():
-        failures.reset()
-        if not resume and run.exists():
-            print(f"'{run.path}' names another model or other settings: every photograph is predicted again")
-        run.write()
-    if proc.distributed:
-        torch.distributed.barrier()
-    names = [os.path.basename(p) for p in inputs]
-    mine = share(list(range(len(inputs))), proc.rank, proc.world_size)
-    todo = [i for i in mine if not (resume and is_done(
-        [p for p, on in zip(plans[i], (True, args.save_prob, args.overlay)) if on], stem_of(inputs[i]),
-        [table.done] if table else []))]
-    if len(todo) < len(mine):
-        print(f"{len(mine) - len(todo)} of the {len(mine)} photographs are done already (their outputs exist): "
-              f"{len(todo)} to go")
-    progress = Progress(len(todo))
-    failed = []
-    who = f"rank {proc.rank}: " if proc.distributed else ""  # every process says what it did
+    def __init__(self, args, inputs, plans, folder, proc, table):
+        self.args, self.inputs, self.plans, self.folder, self.proc, self.table = args, inputs, plans, folder, proc, table
+        out_dir = os.path.dirname(plans[0][0]) or "."
+        self.failures = RowLog(os.path.join(out_dir, FAILURES_CSV), FAILURE_COLUMNS,
+                               rank=proc.rank if proc.distributed else None)
+        self.who = f"rank {proc.rank}: " if proc.distributed else ""  # every process says what it did
+        self.failed = []
+        self.progress = None
 
-    def fail(i, error):
-        if not folder or isinstance(error, DiskFullError):  # a full disk fails every photograph after it too
+    def todo(self, settings):
+        """This process's photographs that need work. A folder run resumes: what the same command already wrote
+        is done (outputs are written whole, so they exist only when complete), unless the folder's outputs came
+        from another model or other ``settings``. The failures of a run are tried again."""
+        proc = self.proc
+        record = RunRecord(os.path.dirname(self.failures.path), settings)
+        resume = self.folder and record.matches()
+        if proc.distributed:
+            torch.distributed.barrier()  # every process has read the record before it is written anew
+        if self.folder and dist_utils.is_main_process():
+            self.failures.reset()
+            if not resume and record.exists():
+                print(f"'{record.path}' names another model or other settings: every photograph is predicted again")
+            record.write()
+        if proc.distributed:
+            torch.distributed.barrier()
+        mine = share(list(range(len(self.inputs))), proc.rank, proc.world_size)
+        logs = [self.table.done] if self.table else []
+        todo = [i for i in mine if not (resume and is_done(self.outputs(i), stem_of(self.inputs[i]), logs))]
+        if len(todo) < len(mine):
+            print(f"{len(mine) - len(todo)} of the {len(mine)} photographs are done already (their outputs "
+                  f"exist): {len(todo)} to go")
+        self.progress = Progress(len(todo))
+        return todo
+
+    def outputs(self, i):
+        return [p for p, on in zip(self.plans[i], (True, self.args.save_prob, self.args.overlay)) if on]
+
+    def fail(self, i, error):
+        if not self.folder or isinstance(error, DiskFullError):  # a full disk fails every photograph after it too
             raise error
-        if args.debug and not isinstance(error, UserError):
+        if self.args.debug and not isinstance(error, UserError):
             traceback.print_exception(error)
         reason = failure_reason(error)
-        failures.append({"image": names[i], "error": reason})
-        failed.append(i)
-        say(f"{who}failed: {inputs[i]}: {reason}  {progress.step()}", err=True)
+        self.failures.append({"image": os.path.basename(self.inputs[i]), "error": reason})
+        self.failed.append(i)
+        say(f"{self.who}failed: {self.inputs[i]}: {reason}  {self.progress.step()}", err=True)
 
     @torch.inference_mode()  # the probabilities are inference tensors, changed in place
-    def finish(i, photo, probs, tiles, seconds):
+    def finish(self, i, photo, probs, tiles, seconds):
         t0 = time.perf_counter()
         try:
             probs = probabilities_at(probs[None], photo.image.shape[:2])[0]  # back to the photograph's size
-            measuring = save_outputs(probs, photo.image, photo.fov, plans[i], args, table, stem_of(inputs[i]))
+            measuring = save_outputs(probs, photo.image, photo.fov, self.plans[i], self.args, self.table,
+                                     stem_of(self.inputs[i]))
         except Exception as e:  # noqa: BLE001 - recorded for that photograph; the run goes on
-            return fail(i, e)
+            return self.fail(i, e)
         h, w = photo.image.shape[:2]
-        say(f"{who}{inputs[i]}: {w}x{h}" + (f", {tiles} tiles" if tiles > 1 else "") + photo.note
-            + f" -> {plans[i][0]}  {seconds + time.perf_counter() - t0:.2f} s"
-            + (f" (measured in {measuring:.2f} s)" if table else "") + f"  {progress.step()}")
+        say(f"{self.who}{self.inputs[i]}: {w}x{h}" + (f", {tiles} tiles" if tiles > 1 else "") + photo.note
+            + f" -> {self.plans[i][0]}  {seconds + time.perf_counter() - t0:.2f} s"
+            + (f" (measured in {measuring:.2f} s)" if self.table else "") + f"  {self.progress.step()}")
 
-    # A whole image per forward when it fits in one tile (then --batch-size counts images), else tiles. The
-    # next photograph is read, and the last one written, while the network runs.
-    read = lambda i: read_photo(inputs[i], mask_files[i], net.fov_diameter, net.multiple, kwargs["model"])  # noqa: E731
-    start = time.perf_counter()
+    def summary(self, todo, seconds):
+        """The counts over every process, their rows in one file each, and a non-zero exit for failures."""
+        done, bad = len(todo) - len(self.failed), len(self.failed)
+        if self.proc.distributed:
+            counts = torch.tensor([done, bad], device=dist_utils.collective_device())
+            torch.distributed.all_reduce(counts)  # every process is done appending before the rows are merged
+            done, bad = counts.tolist()
+        if dist_utils.is_main_process():  # the processes' rows, and a photograph measured again, in one file
+            self.failures.merge()
+            if self.table is not None:
+                self.table.merge()
+        print(f"predicted {done} image{'s' * (done != 1)} in {seconds:.1f} s" + (f"; {bad} failed" if bad else ""))
+        if self.table is not None:
+            n = len(self.inputs) - bad
+            print(f"measurements of {n} image{'s' * (n != 1)}: {self.table.path}")
+        if bad:
+            raise UserError(f"{bad} of {len(self.inputs)} photographs failed: see '{self.failures.path}' (a row "
+                            "each; the same command run again tries them again and skips what is done)")
+
+
+def predict_all(net, run, todo, read, args):
+    """The network over ``todo``: a whole image per forward when it fits in one tile (then --batch-size counts
+    images), else tiles. The next photographs are read, and the last one written, while the network runs."""
     with Behind(args.workers) as behind:
         for group in groups(read_ahead(todo, read, args.workers), args.batch_size):
             if isinstance(group[0][1], Exception):
-                behind.submit(fail, *group[0])
+                behind.submit(run.fail, *group[0])
                 continue
             t0 = time.perf_counter()
             try:
                 probs, tiles = run_network(net, [photo.work for _, photo in group], args)
             except Exception as e:  # noqa: BLE001 - recorded for these photographs; the run goes on
                 for i, _ in group:
-                    behind.submit(fail, i, e)
+                    behind.submit(run.fail, i, e)
                 continue
             shared = (time.perf_counter() - t0) / len(group)  # the network's time, shared by the batch
             for k, (i, photo) in enumerate(group):
-                behind.submit(finish, i, photo, probs[k], tiles, photo.seconds + shared)
+                behind.submit(run.finish, i, photo, probs[k], tiles, photo.seconds + shared)
             del probs
 
-    done, bad = len(todo) - len(failed), len(failed)
-    if proc.distributed:
-        counts = torch.tensor([done, bad], device=dist_utils.collective_device())
-        torch.distributed.all_reduce(counts)
-        done, bad = counts.tolist()
-    if dist_utils.is_main_process():  # the processes' rows, and a photograph measured again, in one file
-        failures.merge()
-        if table is not None:
-            table.merge()
-    print(f"predicted {done} image{'s' * (done != 1)} in {time.perf_counter() - start:.1f} s"
-          + (f"; {bad} failed" if bad else ""))
-    if table is not None:
-        print(f"measurements of {len(inputs) - bad} image{'s' * (len(inputs) - bad != 1)}: {table.path}")
-    if bad:
-        raise UserError(f"{bad} of {len(inputs)} photographs failed: see '{failures.path}' (a row each; the same "
-                        "command run again tries them again and skips what is done)")
+
+def main(args):
+    # 1. The photographs, their FOV masks and their outputs, every name checked before any work
+    check_args(args)
+    inputs = list_inputs(args.img)
+    folder = os.path.isdir(args.img)
+    mask_files = [attempt(find_mask, args.roi_mask, p) for p in inputs]
+    if not folder and isinstance(mask_files[0], Exception):
+        raise mask_files[0]
+    plans = output_paths(args, inputs, [m for m in mask_files if not isinstance(m, Exception)])
+    # 2. The processes (torchrun shares a folder) and the model
+    weights = weights_or_default(args.weights)
+    proc, device = start_processes("cpu" if weights.lower().endswith(".onnx") else args.device)
+    try:
+        table = measurements_table(args, plans, inputs, rank=proc.rank if proc.distributed else None)
+        net = open_network(weights, device, args)
+        if args.tta is None:  # a recipe that validated with flip averaging is meant to be used with it
+            args.tta = bool(net.saved.get("eval_tta", False))
+        print(f"using {net.device.type} device; model {src.describe(**net.kwargs)} from '{weights}'"
+              + (f"; {proc.world_size} processes share the photographs" if proc.distributed else ""))
+        if args.roi_mask is None:
+            print("no --roi-mask given: the field of view is estimated from each image's dark border")
+        # 3. What is left to do, then the photographs
+        run = PhotoRun(args, inputs, plans, folder, proc, table)
+        todo = run.todo(dict(weights=file_digest(weights), tta=args.tta,
+                             amp=net.amp_dtype and str(net.amp_dtype), tile_size=args.tile_size,
+                             tile_overlap=args.tile_overlap, roi_mask=args.roi_mask,
+                             measure=args.measure and [args.pixel_size, args.fov_angle, args.measure_diameter]))
+        start = time.perf_counter()
+        predict_all(net, run, todo, lambda i: read_photo(inputs[i], mask_files[i], net.fov_diameter, net.multiple,
+                                                          net.kwargs["model"]), args)
+        run.summary(todo, time.perf_counter() - start)
+    finally:
+        dist_utils.cleanup_distributed()  # gloo's threads stopped before the process ends
 
 
 if __name__ == "__main__":
