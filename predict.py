@@ -392,6 +392,8 @@ class PhotoRun:
             self.failures.merge()
             if self.table is not None:
                 self.table.merge()
+        if self.proc.distributed:
+            torch.distributed.barrier()  # torchrun stops the others when one exits: not before the files are whole
         print(f"predicted {done} image{'s' * (done != 1)} in {seconds:.1f} s" + (f"; {bad} failed" if bad else ""))
         if self.table is not None:
             n = len(self.inputs) - bad

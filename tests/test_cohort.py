@@ -203,7 +203,8 @@ def test_two_torchrun_processes_share_a_folder(weights, tmp_path):
     assert [row["image"] for row in read_rows(out / "failures.csv", ("image", "error"))] == ["bad.png"]
     assert not [n for n in os.listdir(out) if ".part" in n]  # the processes' rows merged into one file
     assert "error" in r.stderr and "1 of 8 photographs failed" in r.stderr
-    assert "terminate called" not in r.stderr and "exitcode  : -" not in r.stderr  # no process crashed on its way out
+    # No process crashed on its way out (torchrun's SIGTERM to the others, once one has exited 1, is its way).
+    assert "terminate called" not in r.stderr and "SIGABRT" not in r.stderr and "SIGSEGV" not in r.stderr
     # Without the bad file the same command exits 0 and redoes nothing, whichever process did what.
     os.remove(tmp_path / "in" / "bad.png")
     r = run_script(torchrun, "--weights", weights["scaled"], "--img", photos, "--output-dir", out, "--device", "cpu",
