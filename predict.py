@@ -77,7 +77,7 @@ CLASS_COLOURS = [(0, 0, 0), (0, 255, 0), (255, 0, 0), (0, 0, 255), (255, 255, 0)
 def check_args(args):
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         raise UserError(f"--workers must be at least 0 (got {args.workers})")
     if not args.measure and (args.pixel_size is not None or args.fov_angle is not None):
         raise UserError("--pixel-size and --fov-angle set the units of the measurements: add --measure")
@@ -441,6 +441,8 @@ def main(args):
         net = open_network(weights, device, args)
         if args.tta is None:  # a recipe that validated with flip averaging is meant to be used with it
             args.tta = bool(net.saved.get("eval_tta", False))
+        if args.workers is None:  # on 2 CPU cores a reading thread only takes them from the network (measured)
+            args.workers = 0 if net.device.type == "cpu" else 1
         print(f"using {net.device.type} device; model {src.describe(**net.kwargs)} from '{weights}'"
               + (f"; {proc.world_size} processes share the photographs" if proc.distributed else ""))
         if args.roi_mask is None:

@@ -32,9 +32,9 @@ photographs of each ``--photo-sizes`` (JPEGs), as whole processes, with the
 shipped model: the predict.py of ``--baseline`` (a git revision, checked out
 in a temporary worktree: one photograph after another, as it was before
 folder runs read ahead and wrote behind) against this checkout's, with its
-defaults, with ``--workers 0`` (the same code one thing at a time), with
-``--measure``, as two torchrun processes and with ``--amp``, interleaved over
-``--rounds``. It prints photographs per minute
+defaults (on the CPU one thing at a time), with ``--workers 1`` (a thread
+reading ahead and one writing behind), with ``--measure``, as two torchrun
+processes and with ``--amp``, interleaved over ``--rounds``. It prints photographs per minute
 (from each run's own "predicted N images in T s", so the start-up does not
 count), the ratio to the baseline and the peak resident memory.
 
@@ -142,8 +142,9 @@ def get_args_parser():
                         help="--mode predict: the git revision whose predict.py is the baseline (default: the last "
                              "one before folder runs that resume and read ahead)")
     parser.add_argument("--predicts", nargs="+",
-                        default=["baseline", "new", "new-workers0", "new-measure", "new-2proc", "new-amp"],
-                        help="--mode predict: which runs (baseline, new, new-workers0, new-measure, new-2proc: "
+                        default=["baseline", "new", "new-workers1", "new-measure", "new-2proc", "new-amp"],
+                        help="--mode predict: which runs (baseline, new, new-workers1: a thread reading ahead and one "
+                             "writing behind, new-measure, new-2proc: "
                              "torchrun's two single-thread processes, new-amp: autocast, bfloat16 on the CPU)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-epochs", default=None, help=argparse.SUPPRESS)  # a photos child: its data folder
@@ -568,7 +569,7 @@ def run_predicts(args):
         try:
             runs = {"baseline": [sys.executable, os.path.join(baseline, "predict.py")],
                     "new": [sys.executable, os.path.join(ROOT, "predict.py")],
-                    "new-workers0": [sys.executable, os.path.join(ROOT, "predict.py"), "--workers", "0"],
+                    "new-workers1": [sys.executable, os.path.join(ROOT, "predict.py"), "--workers", "1"],
                     "new-measure": [sys.executable, os.path.join(ROOT, "predict.py"), "--measure"],
                     "new-amp": [sys.executable, os.path.join(ROOT, "predict.py"), "--amp"],
                     # two processes of one thread each (torchrun's default OMP_NUM_THREADS) sharing the folder

@@ -265,9 +265,10 @@ def predict_parser(add_help=True, doc=None):
               "checkpoint's training validated, i.e. on for --recipe fast)")
     flag("-b", "--batch-size", dest="batch_size", default=1, type=int, metavar="N",
          help="tiles (or whole images of the same size at the model's scale) per forward pass")
-    flag("-j", "--workers", dest="workers", default=1, type=int, metavar="N",
+    flag("-j", "--workers", dest="workers", default=None, type=int, metavar="N",
          help="threads that read photographs ahead of the network (and one that writes the outputs behind it); "
-              "0: one thing at a time")
+              "0: one thing at a time (default: 0 when the model runs on the CPU, whose cores the network keeps "
+              "busy, else 1)")
     flag("--tile-size", dest="tile_size", default=TUTORIAL["val_tile_size"], type=int, metavar="PX",
          help="images larger than this (either side) are predicted in tiles of this size, rounded down to a "
               "multiple of 16 (32 for the backbone models); 0: never tile")
