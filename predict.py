@@ -307,11 +307,19 @@ def groups(loaded, batch_size):
         yield group
 
 
+def tell(line):
+    """A line about the whole run: from the first process only."""
+    if dist_utils.is_main_process():
+        print(line, flush=True)
+
+
 def start_processes(device):
     """(process info, torch device): under torchrun each process takes its share of a folder, on its GPU or,
     on the CPU, with gloo; otherwise one process."""
     proc = argparse.Namespace(device=device, dist_url="env://", dist_timeout=30)
-    dist_utils.init_distributed_mode(proc)
+    # Every process keeps the real print (numba, under skan's --measure, cannot compile a call to a replaced
+    # one): what concerns the whole run is said by the first process alone (``tell``).
+    dist_utils.init_distributed_mode(proc, silence_others=False)
     return proc, dist_utils.resolve_device(device, local_rank=proc.gpu, distributed=proc.distributed)
 
 
@@ -349,8 +357,8 @@ class PhotoRun:
         logs = [self.table.done] if self.table else []
         todo = [i for i in mine if not (resume and is_done(self.outputs(i), stem_of(self.inputs[i]), logs))]
         if len(todo) < len(mine):
-            print(f"{len(mine) - len(todo)} of the {len(mine)} photographs are done already (their outputs "
-                  f"exist): {len(todo)} to go")
+            say(f"{self.who}{len(mine) - len(todo)} of the {len(mine)} photographs are done already (their "
+                f"outputs exist): {len(todo)} to go")
         self.progress = Progress(len(todo))
         return todo
 
@@ -394,10 +402,10 @@ class PhotoRun:
                 self.table.merge()
         if self.proc.distributed:
             torch.distributed.barrier()  # torchrun stops the others when one exits: not before the files are whole
-        print(f"predicted {done} image{'s' * (done != 1)} in {seconds:.1f} s" + (f"; {bad} failed" if bad else ""))
+        tell(f"predicted {done} image{'s' * (done != 1)} in {seconds:.1f} s" + (f"; {bad} failed" if bad else ""))
         if self.table is not None:
             n = len(self.inputs) - bad
-            print(f"measurements of {n} image{'s' * (n != 1)}: {self.table.path}")
+            tell(f"measurements of {n} image{'s' * (n != 1)}: {self.table.path}")
         if bad:
             raise UserError(f"{bad} of {len(self.inputs)} photographs failed: see '{self.failures.path}' (a row "
                             "each; the same command run again tries them again and skips what is done)")
@@ -443,10 +451,10 @@ def main(args):
             args.tta = bool(net.saved.get("eval_tta", False))
         if args.workers is None:  # on 2 CPU cores a reading thread only takes them from the network (measured)
             args.workers = 0 if net.device.type == "cpu" else 1
-        print(f"using {net.device.type} device; model {src.describe(**net.kwargs)} from '{weights}'"
+        tell(f"using {net.device.type} device; model {src.describe(**net.kwargs)} from '{weights}'"
               + (f"; {proc.world_size} processes share the photographs" if proc.distributed else ""))
         if args.roi_mask is None:
-            print("no --roi-mask given: the field of view is estimated from each image's dark border")
+            tell("no --roi-mask given: the field of view is estimated from each image's dark border")
         # 3. What is left to do, then the photographs
         run = PhotoRun(args, inputs, plans, folder, proc, table)
         todo = run.todo(dict(weights=file_digest(weights), tta=args.tta,

@@ -189,7 +189,7 @@ def test_two_torchrun_processes_share_a_folder(weights, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 os.path.join(ROOT, "predict.py")]
     r = run_script(torchrun, "--weights", weights["scaled"], "--img", photos, "--output-dir", out, "--device", "cpu",
-                   timeout=240)
+                   "--measure", timeout=240)
     assert r.returncode == 1, r.stderr  # the bad file: the run's failure count, and no process crashed
     lines = [ln for ln in (r.stdout + r.stderr).splitlines() if re.match(r"rank [01]: ", ln)]
     per_photo = {}
@@ -201,14 +201,15 @@ def test_two_torchrun_processes_share_a_folder(weights, tmp_path):
     assert {ranks[0] for ranks in per_photo.values()} == {"rank 0", "rank 1"}  # both took a share
     assert outputs_of(out) == [f"p{k:02d}.png" for k in range(7)]
     assert [row["image"] for row in read_rows(out / "failures.csv", ("image", "error"))] == ["bad.png"]
-    assert not [n for n in os.listdir(out) if ".part" in n]  # the processes' rows merged into one file
+    assert not [n for n in os.listdir(out) if ".part" in n]  # the processes' rows merged into one file each
+    assert sorted(MeasurementsFile(str(out / "measurements.csv")).read()) == [f"p{k:02d}" for k in range(7)]
     assert "error" in r.stderr and "1 of 8 photographs failed" in r.stderr
     # No process crashed on its way out (torchrun's SIGTERM to the others, once one has exited 1, is its way).
     assert "terminate called" not in r.stderr and "SIGABRT" not in r.stderr and "SIGSEGV" not in r.stderr
     # Without the bad file the same command exits 0 and redoes nothing, whichever process did what.
     os.remove(tmp_path / "in" / "bad.png")
     r = run_script(torchrun, "--weights", weights["scaled"], "--img", photos, "--output-dir", out, "--device", "cpu",
-                   timeout=240)
+                   "--measure", timeout=240)
     assert r.returncode == 0, r.stderr
     assert re.findall(r"(\d+) of the \d+ photographs are done already", r.stdout + r.stderr) in (["4"], ["4", "3"],
                                                                                               ["3", "4"])

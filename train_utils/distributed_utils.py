@@ -130,11 +130,13 @@ def launch_environment():
     return None
 
 
-def init_distributed_mode(args):
+def init_distributed_mode(args, silence_others=True):
     """Start the process group when launched by torchrun (or SLURM); otherwise run as one process.
 
     Sets ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.gpu`` (the
     local rank) and ``args.dist_backend``: NCCL when the device is CUDA, gloo on the CPU.
+    Then ``print`` speaks only on the first process, as the tutorial's does, unless
+    ``silence_others`` is False.
     """
     launch = launch_environment()
     if launch is None:
@@ -160,7 +162,8 @@ def init_distributed_mode(args):
     dist.init_process_group(backend=args.dist_backend, init_method=dist_url, world_size=args.world_size,
                             rank=args.rank, timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
-    setup_for_distributed(args.rank == 0)
+    if silence_others:
+        setup_for_distributed(args.rank == 0)
 
 
 def cleanup_distributed():
