@@ -33,8 +33,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 if __name__ == "__main__":
     cli_args = app_parser(doc=__doc__).parse_args()  # --help and a mistyped flag answered before anything loads
 
+from train_utils.cohort import attempt, failure_reason  # noqa: E402
 from train_utils.errors import UserError, run_cli  # noqa: E402
 from train_utils.extras import require  # noqa: E402
+from train_utils.imaging import find_mask, stem_of  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL_CARD = os.path.join(HERE, "docs", "model_card.md")
@@ -123,11 +125,11 @@ class Segmenter:
                 check_pixels(path, self.max_pixels)
                 photo = predict.read_photo(path, mask_file, net.fov_diameter, net.multiple, net.kwargs["model"])
                 probs, tiles = predict.predict_photo(net, photo, settings)
-                predict.save_outputs(probs, photo.image, photo.fov, plan, settings, table, predict.stem_of(path))
+                predict.save_outputs(probs, photo.image, photo.fov, plan, settings, table, stem_of(path))
                 del probs
             except Exception as e:  # noqa: BLE001 - that photograph's failure, shown on the page; the rest go on
                 lines.append(f"**{name}**: {readable(e)}")
-                print(f"failed: {name}: {predict.failure_reason(e)}", file=sys.stderr, flush=True)
+                print(f"failed: {name}: {failure_reason(e)}", file=sys.stderr, flush=True)
                 continue
             seconds = time.perf_counter() - t0
             h, w = photo.image.shape[:2]
@@ -148,7 +150,7 @@ class Segmenter:
             gallery += [(overlay, f"{name}: vessels"), (prob, f"{name}: probability"), (mask, f"{name}: mask")]
             files += [mask, prob, overlay]
         rows = table.read()
-        data = [[name, f"{seconds:.2f}"] + [rows[self.predict.stem_of(name)][c] for c in SHOWN]
+        data = [[name, f"{seconds:.2f}"] + [rows[stem_of(name)][c] for c in SHOWN]
                 for name, _, seconds in done]
         if done:
             files.append(table.path)
@@ -174,7 +176,6 @@ def unique(paths):
 def match_masks(photos, masks, folder):
     """Each photograph's FOV mask: none, the one mask dropped with one photograph, else the mask predict.py's
     --roi-mask folder would give it (``<stem>_mask.*``, ``<stem>.*``), or the error that no mask matches."""
-    import predict
     if not masks:
         return [None] * len(photos)
     if len(photos) == 1 and len(masks) == 1:
@@ -184,7 +185,7 @@ def match_masks(photos, masks, folder):
         link = os.path.join(folder, os.path.basename(path))
         if not os.path.exists(link):
             os.symlink(path, link)
-    return [predict.attempt(predict.find_mask, folder, p) for p in photos]
+    return [attempt(find_mask, folder, p) for p in photos]
 
 
 def check_pixels(path, limit):
@@ -205,8 +206,7 @@ class Readable:
         self.folder = folder
 
     def __call__(self, error):
-        import predict
-        text = predict.failure_reason(error)
+        text = failure_reason(error)
         text = text.replace(os.path.join(self.folder, "masks"), "the FOV masks dropped")
         for path, name in self.names.items():
             text = text.replace(path, name)

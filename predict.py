@@ -259,7 +259,12 @@ def predict_photo(net, photo, args):
     """One photograph in memory: (its class probabilities ``[C, H, W]`` at its own size, tiles), what
     ``save_outputs`` takes; the folder run of ``main`` computes the same, a batch at a time."""
     probs, tiles = run_network(net, [photo.work], args)
-    return probabilities_at(probs, photo.image.shape[:2])[0], tiles
+    return at_photo_size(probs[0], photo), tiles
+
+
+def at_photo_size(probs, photo):
+    """Class probabilities ``[C, h, w]`` from the model's working scale back at the photograph's own size."""
+    return probabilities_at(probs[None], photo.image.shape[:2])[0]
 
 
 class Photo(NamedTuple):
@@ -375,12 +380,11 @@ class PhotoRun:
         self.failed.append(i)
         say(f"{self.who}failed: {self.inputs[i]}: {reason}  {self.progress.step()}", err=True)
 
-    @torch.inference_mode()  # the probabilities are inference tensors, changed in place
     def finish(self, i, photo, probs, tiles, seconds):
         t0 = time.perf_counter()
         try:
-            probs = probabilities_at(probs[None], photo.image.shape[:2])[0]  # back to the photograph's size
-            measuring = save_outputs(probs, photo.image, photo.fov, self.plans[i], self.args, self.table,
+            measuring = save_outputs(at_photo_size(probs, photo), photo.image, photo.fov, self.plans[i], self.args,
+                                     self.table,
                                      stem_of(self.inputs[i]))
         except Exception as e:  # noqa: BLE001 - recorded for that photograph; the run goes on
             return self.fail(i, e)
