@@ -62,8 +62,8 @@ from train_utils.cohort import (FAILURE_COLUMNS, FAILURES_CSV, Behind, Progress,
                                 failure_reason, file_digest, is_done, read_ahead, say, share)
 from train_utils.errors import UserError, run_cli
 from train_utils.files import DiskFullError, atomic_write, nearest_existing
-from train_utils.imaging import (IMAGE_EXTS, check_min_size, find_mask, fov_scale, list_inputs, palette_image,
-                                 photo_fov, read_photograph, stem_of)
+from train_utils.imaging import (IMAGE_EXTS, check_min_size, files_by_stem, find_mask, fov_scale, list_inputs,
+                                 palette_image, photo_fov, read_photograph, stem_of)
 from train_utils.inference import inference_model, predict_probabilities, probabilities_at
 from train_utils.precision import autocast_dtype
 from train_utils.transforms import rescale
@@ -441,7 +441,8 @@ def main(args):
     check_args(args)
     inputs = list_inputs(args.img)
     folder = os.path.isdir(args.img)
-    mask_files = [attempt(find_mask, args.roi_mask, p) for p in inputs]
+    listing = files_by_stem(args.roi_mask) if args.roi_mask and os.path.isdir(args.roi_mask) else None
+    mask_files = [attempt(find_mask, args.roi_mask, p, listing) for p in inputs]
     if not folder and isinstance(mask_files[0], Exception):
         raise mask_files[0]
     plans = output_paths(args, inputs, [m for m in mask_files if not isinstance(m, Exception)])

@@ -79,15 +79,16 @@ def list_inputs(path):
     return [path]
 
 
-def find_mask(roi, img_path):
-    """The FOV mask file for ``img_path``: ``roi`` itself, or ``<stem>_mask.*`` / ``<stem>.*`` in the folder ``roi``."""
+def find_mask(roi, img_path, listing=None):
+    """The FOV mask file for ``img_path``: ``roi`` itself, or ``<stem>_mask.*`` / ``<stem>.*`` in the folder ``roi``.
+    ``listing``: ``files_by_stem(roi)``, read once for a folder of thousands of photographs."""
     if roi is None:
         return None
     if not os.path.isdir(roi):
         if not os.path.isfile(roi):
             raise UserError(f"--roi-mask '{roi}' does not exist")
         return roi
-    found = _by_stem(roi, img_path, (f"{stem_of(img_path)}_mask", stem_of(img_path)))
+    found = _by_stem(roi, img_path, (f"{stem_of(img_path)}_mask", stem_of(img_path)), listing)
     if found:
         return found
     stem = stem_of(img_path)
@@ -95,9 +96,9 @@ def find_mask(roi, img_path):
                     f"and {stem}.*)")
 
 
-def _by_stem(folder, path, stems):
+def _by_stem(folder, path, stems, by_stem=None):
     """The first file of ``folder`` (not ``path`` itself) with one of ``stems``, in that order; else None."""
-    by_stem = files_by_stem(folder)  # a stem's names with DRIVE's .gif first
+    by_stem = files_by_stem(folder) if by_stem is None else by_stem  # a stem's names with DRIVE's .gif first
     real = os.path.realpath(path)
     for candidate in stems:
         found = [n for n in by_stem.get(candidate, []) if os.path.realpath(os.path.join(folder, n)) != real]
