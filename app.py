@@ -123,7 +123,8 @@ class Segmenter:
                 if isinstance(mask_file, Exception):
                     raise mask_file
                 check_pixels(path, self.max_pixels)
-                photo = predict.read_photo(path, mask_file, net.fov_diameter, net.multiple, net.kwargs["model"])
+                photo = predict.read_photo(path, mask_file, net.fov_diameter, net.multiple, net.kwargs["model"],
+                                           net.fov_diameter_max)
                 probs, tiles = predict.predict_photo(net, photo, settings)
                 predict.save_outputs(probs, photo.image, photo.fov, plan, settings, table, stem_of(path))
                 del probs
@@ -230,7 +231,7 @@ def about(segmenter, card):
     """The line on what the model is and is not."""
     shipped = os.path.realpath(segmenter.weights) == os.path.realpath(os.path.join(HERE, "weights",
                                                                                    "unet_vessels.pth"))
-    what = ("the U-Net shipped with this project, trained on DRIVE, CHASE_DB1 and STARE" if shipped
+    what = ("the U-Net shipped with this project, trained on DRIVE, CHASE_DB1, STARE and HRF" if shipped
             else f"{segmenter.describe()}")
     link = " Its [model card](#model-card), below, says what it was trained on and how well it does." \
         if shipped and card else ""

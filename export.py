@@ -12,7 +12,9 @@ scaled to 0..1 and normalised with the training mean and std
 H and W are dynamic: any batch, any height and width of at least 32 pixels
 (64 for the backbone models), odd sizes included. The model, its class count
 its normalisation and its FOV scale (``fov_diameter``: photographs resized so
-that their field of view is that many pixels across; 0 for none) are stored in the file (ONNX: ``metadata_props``; .pt2:
+that their field of view is that many pixels across, 0 for none; ``fov_diameter_max``:
+wider ones kept at their own scale up to that many pixels, 0 for none) are
+stored in the file (ONNX: ``metadata_props``; .pt2:
 the extra file ``model.json``), so ``predict.py --weights unet.onnx`` needs
 nothing else, and no PyTorch: only numpy, Pillow and onnxruntime.
 
@@ -90,6 +92,7 @@ def load_for_export(weights):
     # The checkpoint's own ``args`` keys and meanings, so model_kwargs() reads them back unchanged.
     meta = {"model": kwargs["model"], "num_classes": kwargs["num_classes"] - 1, "base_c": kwargs["base_c"],
             "mean": mean, "std": std, "fov_diameter": ckpt.get("args", {}).get("fov_diameter") or 0,
+            "fov_diameter_max": ckpt.get("args", {}).get("fov_diameter_max") or 0,
             "epoch": ckpt.get("epoch"), "best_dice": ckpt.get("best_dice"),
             "source": os.path.basename(weights), "input": INPUT_NAME, "output": OUTPUT_NAME,
             "normalisation": "image = (rgb / 255 - mean) / std, float32 [N, 3, H, W]"}
@@ -213,7 +216,11 @@ def main(args):
         return
     print(f"wrote {out} ({size:.1f} MB): input '{INPUT_NAME}' float32 [N, 3, H, W], normalised with mean "
           f"{meta['mean']} and std {meta['std']}; output '{OUTPUT_NAME}' [N, {meta['num_classes'] + 1}, H, W]")
-    if meta["fov_diameter"]:
+    if meta["fov_diameter_max"]:
+        print(f"the model expects photographs resized so that their field of view is {meta['fov_diameter']} px "
+              f"across, or kept at their own scale up to {meta['fov_diameter_max']} px (predict.py --weights does "
+              "it; stored in the metadata as fov_diameter and fov_diameter_max)")
+    elif meta["fov_diameter"]:
         print(f"the model expects photographs resized so that their field of view is {meta['fov_diameter']} px "
               "across (predict.py --weights does it; stored in the metadata as fov_diameter)")
 

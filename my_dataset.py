@@ -258,14 +258,15 @@ class VesselDataset(Dataset):
 
     With ``fov_diameter`` D (``--fov-diameter``), every photograph is resized
     so that its FOV is D pixels across (``imaging.fov_diameter``), the scale
-    the model sees whatever the camera. For training the target is resized
-    with it; validation (``resize_target=False``) keeps the label at the
-    photograph's own size, where the prediction is scored after it is resized
-    back.
+    the model sees whatever the camera; with ``fov_diameter_max`` too, a
+    photograph between the two keeps its own scale
+    (``imaging.working_diameter``). For training the target is resized with it;
+    validation (``resize_target=False``) keeps the label at the photograph's own
+    size, where the prediction is scored after it is resized back.
     """
 
     def __init__(self, samples, transforms=None, cache=True, num_classes=1, fov="estimate", fov_diameter=0,
-                 resize_target=True):
+                 resize_target=True, fov_diameter_max=0):
         super().__init__()
         self.samples = list(samples)
         self.img_list = [s.image for s in self.samples]
@@ -273,7 +274,7 @@ class VesselDataset(Dataset):
         self.roi_mask = [s.mask for s in self.samples]
         self.num_classes = num_classes
         self.fov = fov
-        self.fov_diameter = fov_diameter
+        self.fov_diameter, self.fov_diameter_max = fov_diameter, fov_diameter_max
         self.resize_target = resize_target
         self.transforms = transforms
         self._cache = [self._load(i) for i in range(len(self.samples))] if cache else None
@@ -284,7 +285,7 @@ class VesselDataset(Dataset):
         img, target = load_sample(s.image, s.label, s.mask, self.num_classes, self.fov)
         img, target = torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.from_numpy(target)
         if self.fov_diameter:
-            scale = fov_scale(target.numpy() != IGNORE_INDEX, self.fov_diameter)
+            scale = fov_scale(target.numpy() != IGNORE_INDEX, self.fov_diameter, self.fov_diameter_max)
             img, resized = rescale(img, scale, target if self.resize_target else None)
             target = resized if self.resize_target else target
         return img, target

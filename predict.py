@@ -226,6 +226,7 @@ class Network(NamedTuple):
     amp_dtype: object
     multiple: int
     fov_diameter: float
+    fov_diameter_max: float = 0
 
 
 def open_network(weights, device, args):
@@ -238,7 +239,8 @@ def open_network(weights, device, args):
         model, saved, kwargs = load_model(weights, device, args.channels_last)
     mean, std = normalisation(saved)
     return Network(model, saved, kwargs, device, mean, std, autocast_dtype(device, args.amp, args.amp_dtype),
-                   src.model_spec(kwargs["model"]).size_multiple, saved.get("fov_diameter") or 0)
+                   src.model_spec(kwargs["model"]).size_multiple, saved.get("fov_diameter") or 0,
+                   saved.get("fov_diameter_max") or 0)
 
 
 def run_network(net, works, args):
@@ -277,16 +279,17 @@ class Photo(NamedTuple):
     seconds: float
 
 
-def read_photo(path, mask_file, fov_diameter, multiple, model_name):
+def read_photo(path, mask_file, fov_diameter, multiple, model_name, fov_diameter_max=0):
     """The ``Photo`` of one input. A model trained with ``--fov-diameter`` sees the photograph resized so that
-    its FOV is that many pixels across, as in training."""
+    its FOV is that many pixels across, as in training; with ``--fov-diameter-max`` too, a photograph between
+    the two keeps its own scale (``imaging.working_diameter``)."""
     t0 = time.perf_counter()
     image = read_photograph(path)
     check_min_size([path], multiple, model_name, [image.shape[1::-1]])
     fov, note = photo_fov(image, mask_file, path)
     work = torch.from_numpy(image).permute(2, 0, 1)
     if fov_diameter:
-        work, _ = rescale(work, fov_scale(fov, fov_diameter))
+        work, _ = rescale(work, fov_scale(fov, fov_diameter, fov_diameter_max))
         if min(work.shape[1:]) < multiple:
             raise UserError(f"'{path}' brought to the model's scale (an FOV {fov_diameter:g} pixels across) is "
                             f"{work.shape[2]}x{work.shape[1]} pixels, smaller than the {multiple}x{multiple} the "
@@ -468,7 +471,7 @@ def main(args):
                              measure=args.measure and [args.pixel_size, args.fov_angle, args.measure_diameter]))
         start = time.perf_counter()
         predict_all(net, run, todo, lambda i: read_photo(inputs[i], mask_files[i], net.fov_diameter, net.multiple,
-                                                          net.kwargs["model"]), args)
+                                                          net.kwargs["model"], net.fov_diameter_max), args)
         run.summary(todo, time.perf_counter() - start)
     finally:
         dist_utils.cleanup_distributed()  # gloo's threads stopped before the process ends

@@ -81,7 +81,8 @@ def dataset_facts(values):
     resize's base size and the held-out validation images (``--val-split``/``--val-images``).
 
     Several datasets share one normalisation, the mean of theirs, and each keeps its own base size (a
-    tuple); with ``--fov-diameter`` every photograph is brought to that scale, and it is the base size.
+    tuple); with ``--fov-diameter`` every photograph is brought to its working scale, and the random resize
+    varies each around its own size (base size 0).
     """
     sources = dataset_sources(values)
     specs = [DATASETS[source.name] for source in sources]
@@ -109,7 +110,7 @@ def dataset_facts(values):
                         f"{', '.join(repr(s.path) for s in sources)}")
     if held:
         facts["val_images"] = held
-    facts["base_size"] = values["fov_diameter"] or (bases[0] if len(bases) == 1 else tuple(bases))
+    facts["base_size"] = 0 if values["fov_diameter"] else (bases[0] if len(bases) == 1 else tuple(bases))
     return facts
 
 
@@ -149,7 +150,8 @@ def build_datasets(s):
     """
     sources = dataset_sources(s.as_dict())
     eval_tf = get_transform(False, s.mean, s.std)
-    kw = dict(num_classes=s.num_classes, fov=s.fov, fov_diameter=s.fov_diameter)
+    kw = dict(num_classes=s.num_classes, fov=s.fov, fov_diameter=s.fov_diameter,
+              fov_diameter_max=s.fov_diameter_max)
     bases = per_dataset(s.base_size) if isinstance(s.base_size, (list, tuple)) else [s.base_size] * len(sources)
     train_parts, val_parts = [], []
     for source, base in zip(sources, bases):
@@ -175,10 +177,11 @@ def build_datasets(s):
         train_tf = get_transform(True, s.mean, s.std, base_size=base, crop_size=s.crop_size, rotate=s.rotate,
                                  color_jitter=s.color_jitter, scale_range=s.scale_range, crop_first=s.crop_first)
         lo, hi = s.scale_range
-        say(f"training images: random resize of the shorter side to [{lo:g}, {hi:g}] x {base}"
+        say(f"training images: random resize of the shorter side to [{lo:g}, {hi:g}] x {base or 'its own'}"
             + (f", rotation within {s.rotate:g} degrees" if s.rotate else "") + f", crop {s.crop_size}"
             + (" (sampled crop-first)" if s.crop_first else "")
-            + (f", photographs rescaled to a FOV {s.fov_diameter} px across" if s.fov_diameter else ""))
+            + (f", photographs rescaled to a FOV {s.fov_diameter} px across" if s.fov_diameter else "")
+            + (f" (up to {s.fov_diameter_max} px at their own scale)" if s.fov_diameter_max else ""))
         train_parts.append((source.name, VesselDataset(train, train_tf, **kw)))
         val_parts.append((source.name, VesselDataset(val, eval_tf, resize_target=False, **kw)))
     return train_parts, val_parts

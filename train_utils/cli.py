@@ -37,7 +37,7 @@ PREDICTIONS_DIR = "predictions"
 MEASUREMENTS_DIR, MEASUREMENTS_CSV = "measurements", "measurements.csv"
 EXTRAS_INSTALL = "pip install -r requirements-extras.txt"
 # Masks are measured resized so that their FOV is this many pixels across (--measure-diameter; 0: as they are):
-# the shipped model's own scale (its --fov-diameter), at which a predicted mask holds all the detail it has.
+# the shipped model's smallest working scale (its --fov-diameter), so every camera's masks are measured alike.
 MEASURE_DIAMETER = 700
 # app.py's page: where it listens (this machine only, unless asked), and the largest photograph it takes. 25
 # megapixels hold every fundus camera's photograph (HRF's 3504 x 2336 are 8.2; a DSLR-based camera's 6000 x 4000
@@ -119,9 +119,13 @@ def _data_flags(data):
     data("--fov-diameter", dest="fov_diameter", type=int, metavar="PX",
          help="resize every photograph so that its field of view is PX pixels across (training, validation "
               "and predict.py; scores and masks stay at the photograph's size); 0: each at its own size")
+    data("--fov-diameter-max", dest="fov_diameter_max", type=int, metavar="PX",
+         help="with --fov-diameter: photographs whose field of view is wider keep their own scale up to PX "
+              "pixels across (a high-resolution camera's fine vessels stay wide enough to see); 0: every "
+              "photograph at --fov-diameter")
     data("--base-size", dest="base_size", type=int, metavar="PX", help="random resize of the shorter side to "
          "--scale-range x this (default: the dataset's; drive 565, else the median shorter side of the training "
-         "images)")
+         "images; 0, the default with --fov-diameter: each image's own shorter side at its working scale)")
     data("--crop-size", dest="crop_size", type=int, metavar="PX",
          help=f"training crop in pixels (default: {CROP_SIZE}, or --base-size if smaller)")
     data("--scale-range", dest="scale_range", type=float, nargs=2, metavar=("MIN", "MAX"),
@@ -420,7 +424,7 @@ def weights_or_default(weights):
                         f"'{SHIPPED_WEIGHTS}' is missing: restore it (git checkout -- weights), train "
                         "(python train.py --demo) or pass --weights PATH")
     print(f"no --weights given: using the shipped model '{os.path.relpath(SHIPPED_WEIGHTS)}' "
-          "(trained on DRIVE, CHASE_DB1 and STARE; docs/model_card.md)")
+          "(trained on DRIVE, CHASE_DB1, STARE and HRF; docs/model_card.md)")
     return SHIPPED_WEIGHTS
 
 

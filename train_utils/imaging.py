@@ -561,6 +561,24 @@ def fov_diameter(inside: np.ndarray) -> float:
     return 2 * math.sqrt(r2) if r2 > 0 else float(w)
 
 
-def fov_scale(inside: np.ndarray, diameter: float) -> float:
-    """The resize factor that gives the FOV ``inside`` the diameter ``diameter`` (0: none, 1.0)."""
-    return diameter / fov_diameter(inside) if diameter else 1.0
+def working_diameter(native: float, diameter: float, diameter_max: float = 0) -> float:
+    """The FOV diameter in pixels at which a photograph whose FOV is ``native`` pixels across is seen.
+
+    ``diameter`` alone (``--fov-diameter``): that diameter, whatever the
+    camera. With ``diameter_max`` (``--fov-diameter-max``) the photograph keeps
+    its own scale between the two and is brought to the nearer bound outside
+    them: small photographs are enlarged to ``diameter``, and a high-resolution
+    one is reduced no further than ``diameter_max``, so the fine vessels that
+    only its resolution shows keep a width the network can resolve. 0: none.
+    """
+    if not diameter:
+        return native
+    return min(max(native, diameter), max(diameter, diameter_max))
+
+
+def fov_scale(inside: np.ndarray, diameter: float, diameter_max: float = 0) -> float:
+    """The resize factor that brings the FOV ``inside`` to its ``working_diameter`` (no diameter: 1.0)."""
+    if not diameter:
+        return 1.0
+    native = fov_diameter(inside)
+    return working_diameter(native, diameter, diameter_max) / native

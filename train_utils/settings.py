@@ -49,7 +49,8 @@ FOV_MODES = ("estimate", "all")
 TUTORIAL = dict(
     # data
     data_path="./", dataset="drive", val_split=0, val_seed=0, val_images=None, fov="estimate", num_classes=1,
-    fov_diameter=0, base_size=None, crop_size=None, scale_range=SCALE_RANGE, mean=None, std=None, workers=None,
+    fov_diameter=0, fov_diameter_max=0, base_size=None, crop_size=None, scale_range=SCALE_RANGE, mean=None,
+    std=None, workers=None,
     # model
     model="unet", base_c=32, pretrained_backbone="", channels_last=None, compile=False,
     # optimisation
@@ -83,9 +84,10 @@ DEMO = dict(data_path="data/synthetic", output_dir="save_weights/demo", epochs=3
 DEMO_DATA = dict(num_train=20, num_test=5, height=128, width=124, seed=0)
 
 # What a checkpoint decides. Its model, always (the tutorial saved no model name or width: its model is
-# the U-Net with base_c=32); mean/std and the FOV scale (--fov-diameter) only when it holds them.
+# the U-Net with base_c=32); mean/std and the FOV scale (--fov-diameter, --fov-diameter-max) only when it
+# holds them.
 MODEL_KEYS = {"model": "unet", "num_classes": 1, "base_c": 32}
-CARRIED_KEYS = tuple(MODEL_KEYS) + ("mean", "std", "fov_diameter")
+CARRIED_KEYS = tuple(MODEL_KEYS) + ("mean", "std", "fov_diameter", "fov_diameter_max")
 # A resumed run also keeps its held-out validation images.
 RESUMED_KEYS = ("dataset", "val_split", "val_seed", "val_images", "fov")
 # Everything a recipe decides (and the scale range and the crop-first sampling, the other augmentation
@@ -296,8 +298,8 @@ def derive(values, machine):
     out["amp_dtype"] = amp_dtype_name(device_type, amp, values["amp_dtype"])
     if values["base_c"] is None:
         out["base_c"] = fast_width(amp)
-    if values["crop_size"] is None and values["base_size"] is not None:
-        out["crop_size"] = min(CROP_SIZE, *per_dataset(values["base_size"]))
+    if values["crop_size"] is None and values["base_size"] is not None:  # 0: each image's own size
+        out["crop_size"] = min([CROP_SIZE] + [b for b in per_dataset(values["base_size"]) if b])
     if values["mean"] is None or values["std"] is None:
         mean, std = DRIVE_MEAN, DRIVE_STD
         if values["pretrained_backbone"]:  # an encoder pretrained on ImageNet expects ImageNet's normalisation
@@ -318,8 +320,8 @@ def derive(values, machine):
 
 def check_values(v):
     """Reject impossible settings before any work starts or anything is written."""
-    for name in ("num_classes", "batch_size", "epochs", "crop_size", "base_size", "base_c", "print_freq",
-                 "crops_per_image", "eval_every"):
+    for name in ("num_classes", "batch_size", "epochs", "crop_size", "base_c", "print_freq", "crops_per_image",
+                 "eval_every"):
         if v.get(name) is not None and min(per_dataset(v[name])) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {_shown(v[name])})")
     for name in ("lr", "momentum", "weight_decay"):
@@ -331,8 +333,13 @@ def check_values(v):
         raise UserError("--test-only needs the weights to evaluate: --resume PATH (or --weights PATH)")
     if v.get("std") is not None and min(v["std"]) <= 0:
         raise UserError("--std values must be positive")
+    if v.get("base_size") is not None and min(per_dataset(v["base_size"])) < 0:
+        raise UserError(f"--base-size must be >= 0 (got {_shown(v['base_size'])})")
     if min(per_dataset(v["val_split"])) < 0 or v["val_tile_size"] < 0 or v["fov_diameter"] < 0:
         raise UserError("--val-split, --tile-size and --fov-diameter must be >= 0")
+    if v["fov_diameter_max"] and not 0 < v["fov_diameter"] <= v["fov_diameter_max"]:
+        raise UserError(f"--fov-diameter-max {v['fov_diameter_max']} needs --fov-diameter between 1 and it "
+                        f"(got {v['fov_diameter']})")
     if not 0 <= v["rotate"] <= 180:
         raise UserError(f"--rotate must be in [0, 180] degrees (got {v['rotate']})")
     lo, hi = v["scale_range"]

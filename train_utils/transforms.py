@@ -62,14 +62,16 @@ class RandomResize(v2.Transform):
     image, on vessels 1 to 3 pixels wide.
     """
 
-    def __init__(self, min_size, max_size):
+    def __init__(self, min_size, max_size, relative=False):
         super().__init__()
         self.min_size = min_size
         self.max_size = max_size
+        self.relative = relative  # min_size and max_size are factors of each image's own shorter side
 
     def make_params(self, flat_inputs):
         # The same draw as torchvision's RandomResize, so a seed gives the same sizes.
-        return {"size": [int(torch.randint(self.min_size, self.max_size + 1, ()))]}
+        sizes = (self.min_size, self.max_size, self.relative)
+        return {"size": [draw_short_side(sizes, *v2.query_size(flat_inputs))]}
 
     def transform(self, inpt, params):
         if isinstance(inpt, tv_tensors.Mask):
@@ -101,6 +103,16 @@ class RandomRotate(v2.Transform):
         if isinstance(inpt, tv_tensors.Mask):
             return F.rotate(inpt, params["angle"], interpolation=v2.InterpolationMode.NEAREST, fill=self.mask_fill)
         return F.rotate(inpt, params["angle"], interpolation=v2.InterpolationMode.BILINEAR, fill=self.fill)
+
+
+def draw_short_side(sizes, height, width):
+    """A random shorter side in ``sizes`` = (min, max), both included: pixels, or with ``sizes[2]`` True
+    (a base size of 0), factors of this image's own shorter side. One draw from torch's stream either way."""
+    lo, hi = sizes[:2]
+    if len(sizes) > 2 and sizes[2]:
+        short = min(height, width)
+        lo, hi = max(1, int(lo * short)), max(1, int(hi * short))
+    return int(torch.randint(lo, hi + 1, ()))
 
 
 def resized_size(height, width, short):
@@ -225,9 +237,9 @@ class RandomResizeRotateCrop(v2.Transform):
     """
 
     def __init__(self, min_size, max_size, degrees, crop_size, hflip_prob=0.5, vflip_prob=0.5,
-                 mask_fill=IGNORE_INDEX):
+                 mask_fill=IGNORE_INDEX, relative=False):
         super().__init__()
-        self.min_size, self.max_size = min_size, max_size
+        self.min_size, self.max_size, self.relative = min_size, max_size, relative
         self.degrees = float(degrees)
         self.crop_size = crop_size
         self.hflip_prob, self.vflip_prob = hflip_prob, vflip_prob
@@ -236,7 +248,7 @@ class RandomResizeRotateCrop(v2.Transform):
     def make_params(self, flat_inputs):
         h, w = v2.query_size(flat_inputs)
         # The chain's draws, in its order, each only where the chain has that transform.
-        short = int(torch.randint(self.min_size, self.max_size + 1, ()))
+        short = draw_short_side((self.min_size, self.max_size, self.relative), h, w)
         rh, rw = resized_size(h, w, short)
         angle = float(torch.empty(()).uniform_(-self.degrees, self.degrees)) if self.degrees > 0 else 0.0
         hflip = self.hflip_prob > 0 and not bool(torch.rand(1) >= self.hflip_prob)
@@ -298,7 +310,8 @@ class _Preset:
 class SegmentationPresetTrain(_Preset):
     """Random resize of the shorter side to ``scale_range`` x base_size (the tutorial's [0.5, 1.2]), (rotation,)
     h/v flips, random crop, (brightness/contrast/gamma,) normalise. ``rotate`` and ``color_jitter`` are 0 (off)
-    in the tutorial.
+    in the tutorial. A ``base_size`` of 0 (or None) is each image's own shorter side: photographs brought to
+    their working scale (``--fov-diameter``) are varied around it, whatever their size.
 
     ``crop_first`` (default: when ``rotate`` > 0) draws the geometry with ``RandomResizeRotateCrop`` instead
     of the chain of whole-image transforms; ``False`` keeps the chain."""
@@ -306,14 +319,19 @@ class SegmentationPresetTrain(_Preset):
     def __init__(self, base_size=BASE_SIZE, crop_size=CROP_SIZE, hflip_prob=0.5, vflip_prob=0.5,
                  mean=DRIVE_MEAN, std=DRIVE_STD, rotate=0.0, color_jitter=0.0, scale_range=SCALE_RANGE,
                  crop_first=None):
-        min_size = max(1, int(scale_range[0] * base_size))  # a tiny MIN would otherwise resize to nothing
-        max_size = int(scale_range[1] * base_size)
+        relative = not base_size
+        if relative:
+            min_size, max_size = scale_range
+        else:
+            min_size = max(1, int(scale_range[0] * base_size))  # a tiny MIN would otherwise resize to nothing
+            max_size = int(scale_range[1] * base_size)
         # With a rotation (--rotate, --recipe fast) the geometry is sampled crop-first: the same draws, one
         # resample of the window only. Without one, the tutorial's chain runs as it is, numbers unchanged.
         if rotate > 0 if crop_first is None else crop_first:
-            trans = [RandomResizeRotateCrop(min_size, max_size, rotate, crop_size, hflip_prob, vflip_prob)]
+            trans = [RandomResizeRotateCrop(min_size, max_size, rotate, crop_size, hflip_prob, vflip_prob,
+                                            relative=relative)]
         else:
-            trans = [RandomResize(min_size, max_size)]
+            trans = [RandomResize(min_size, max_size, relative)]
             if rotate > 0:
                 trans.append(RandomRotate(rotate))
             if hflip_prob > 0:
