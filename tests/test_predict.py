@@ -147,9 +147,15 @@ def test_tiled_prediction_matches_whole_image():
 
 def test_tile_grid_and_blend_weights():
     windows, overlap = tile_grid(2300, 3500, 1024, 128)
-    assert overlap == 128 and all((th, tw) == (1024, 1024) for _, _, th, tw in windows)
+    # the fewest tiles of at most 1024 that overlap by 128: 3 rows of (2300 + 2 * 128) / 3 and 4 columns of
+    # (3500 + 3 * 128) / 4, each rounded up to a multiple of 16, spread evenly, the last ones flush
+    assert overlap == 128 and all((th, tw) == (864, 976) for _, _, th, tw in windows)
     ys, xs = sorted({y for y, *_ in windows}), sorted({x for _, x, *_ in windows})
-    assert ys == [0, 896, 2300 - 1024] and xs == [0, 896, 1792, 3500 - 1024]  # the last tiles end flush
+    assert ys == [0, 718, 2300 - 864] and xs == [0, 841, 1682, 3500 - 976]
+    assert max(b - a for a, b in zip(xs, xs[1:])) <= 976 - 128 and max(b - a for a, b in zip(ys, ys[1:])) <= 864 - 128
+    # a working image a little wider than a tile (HRF at a FOV of 1024 px) takes two tiles of about half of it
+    windows, _ = tile_grid(725, 1087, 1024, 128)
+    assert [(y, x, th, tw) for y, x, th, tw in windows] == [(0, 0, 725, 608), (0, 479, 725, 608)]
     first, second = blend_weights(0, 1024, 2304, 128), blend_weights(896, 1024, 2304, 128)
     assert (first > 0).all() and (second > 0).all()
     assert first[0] == 1 and blend_weights(1280, 1024, 2304, 128)[-1] == 1  # image edges keep weight 1

@@ -51,12 +51,16 @@ def _ceil_to(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def window_starts(length: int, tile: int, step: int):
-    """Start offsets and size of the windows covering ``[0, length)``: one window when it fits,
-    else windows of ``tile`` every ``step`` with the last one flush with the end."""
+def window_starts(length: int, tile: int, overlap: int, multiple: int = 16):
+    """Start offsets and size of the windows covering ``[0, length)``: one window when it fits, else the
+    fewest windows of at most ``tile`` that overlap by at least ``overlap``, all of one size (a multiple of
+    ``multiple``), spread evenly from the start to the end. Equal windows cost what the image needs: an
+    image a little larger than ``tile`` takes two windows of about half its size, not two of ``tile``."""
     if length <= tile:
         return [0], length
-    return list(range(0, length - tile, step)) + [length - tile], tile
+    n = math.ceil((length - overlap) / (tile - overlap))
+    size = min(tile, _ceil_to(math.ceil((length + (n - 1) * overlap) / n), multiple))
+    return [(length - size) * i // (n - 1) for i in range(n)], size
 
 
 def blend_weights(start: int, size: int, length: int, overlap: int) -> torch.Tensor:
@@ -79,16 +83,17 @@ def tile_grid(height: int, width: int, tile_size: int, tile_overlap: int, multip
     An image that fits in one tile (or ``tile_size <= 0``) is one window of the
     whole image: the U-Net's ``align_corners=True`` upsampling makes its output
     depend on the input size, so only the whole, unpadded image gives the
-    prediction that evaluation scores. Larger images are cut into tiles whose
-    size and overlap are rounded to ``multiple`` (the model's pooling divides
-    them evenly), the last one flush with the image's end, so nothing is padded.
+    prediction that evaluation scores. Larger images are cut into tiles of at
+    most ``tile_size`` whose size and overlap are rounded to ``multiple`` (the
+    model's pooling divides them evenly), spread evenly with the last one flush
+    with the image's end (``window_starts``), so nothing is padded.
     """
     tile = max(multiple, tile_size // multiple * multiple)
     if tile_size <= 0 or (height <= tile and width <= tile):
         return [(0, 0, height, width)], 0
     overlap = min(_ceil_to(max(tile_overlap, 0), multiple), tile - multiple)
-    ys, th = window_starts(height, tile, tile - overlap)
-    xs, tw = window_starts(width, tile, tile - overlap)
+    ys, th = window_starts(height, tile, overlap, multiple)
+    xs, tw = window_starts(width, tile, overlap, multiple)
     return [(y, x, th, tw) for y in ys for x in xs], overlap
 
 
@@ -168,12 +173,28 @@ def predict_probabilities(model, images: torch.Tensor, mean, std, tile_size=1024
     return acc, len(windows)
 
 
-def probabilities_at(probs: torch.Tensor, size) -> torch.Tensor:
+# How a prediction made at the working scale goes back to the photograph's size: its probabilities resized
+# ("probability"), or its log-probabilities resized and normalised again ("log").
+RESIZE_SPACES = ("probability", "log")
+
+
+def probabilities_at(probs: torch.Tensor, size, space="probability") -> torch.Tensor:
     """Class probabilities ``[N, C, h, w]`` resized (bilinearly) to ``size`` = (H, W): a prediction made on a
     photograph rescaled for ``--fov-diameter``, back at the photograph's own size, where it is scored and
-    written. Bilinear weights sum to 1, so the result is still a distribution per pixel."""
+    written. Bilinear weights sum to 1, so the result is still a distribution per pixel.
+
+    ``space="log"`` resizes the log-probabilities and normalises again (for two classes: the vessel logit is
+    interpolated). A vessel narrower than two working pixels is one or two pixels of moderate vessel
+    probability between confident background: resized probabilities draw it about two working pixels wide,
+    whereas interpolated logits cross zero near the moderate pixels, so it is drawn about as wide as its
+    contrast says."""
     if tuple(probs.shape[-2:]) == tuple(size):
         return probs
+    if space == "log":
+        logp = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+        out = nn.functional.interpolate(logp, size=tuple(size), mode="bilinear", align_corners=False)
+        # softmax in place: a full-size photograph's map is not copied again
+        return out.sub_(out.amax(1, keepdim=True)).exp_().div_(out.sum(1, keepdim=True))
     return nn.functional.interpolate(probs, size=tuple(size), mode="bilinear", align_corners=False)
 
 
