@@ -5,9 +5,10 @@
         --data-path DRIVE_ROOT CHASEDB1 STARE HRF --output-dir agreement
 
 Each photograph of the datasets that the model was not trained on (by
-default the shipped model's held-out images: all but DRIVE's 21-35,
-CHASE_DB1's 01-10 other than 03R 05R 06R 08L, and STARE's first ten labelled
-other than im0003 im0005 im0044 im0081; every HRF image) is predicted as
+default those the shipped model never trained on, ``held_out.py``: all but
+DRIVE's 21-35, CHASE_DB1's 01-10 other than 03R 05R 06R 08L, STARE's first
+ten labelled other than im0003 im0005 im0044 im0081, and HRF's 02-05 of each
+category) is predicted as
 ``predict.py`` predicts it (the same functions, flips as the checkpoint
 says), and both its predicted mask and its label are measured inside the
 same field of view (the dataset's FOV mask, else estimated from the
@@ -31,28 +32,19 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import predict  # noqa: E402
-import src  # noqa: E402
-from my_dataset import DATASETS, dataset_files  # noqa: E402
-from train_utils.checkpoint import normalisation  # noqa: E402
+from held_out import held_out_samples  # noqa: E402
+from my_dataset import DATASETS  # noqa: E402
 from train_utils.cli import weights_or_default  # noqa: E402
 from train_utils.distributed_utils import resolve_device  # noqa: E402
 from train_utils.errors import UserError, run_cli  # noqa: E402
-from train_utils.imaging import photo_fov, read_image, read_label, stem_of  # noqa: E402
+from train_utils.imaging import read_label, stem_of  # noqa: E402
 from train_utils.measurements import FEATURES, MeasurementsFile, icc_a1, mean_difference, measure  # noqa: E402
-
-# What the shipped model (weights/unet_vessels.pth, docs/model_card.md) was trained on, by image stem.
-CHASE_HELD_OUT = ("Image_03R", "Image_05R", "Image_06R", "Image_08L")
-TRAINED_ON = {
-    "drive": {f"{n}_training" for n in range(21, 36)},
-    "chase_db1": {f"Image_{n:02d}{side}" for n in range(1, 11) for side in "LR"} - set(CHASE_HELD_OUT),
-    "stare": {"im0001", "im0002", "im0004", "im0077", "im0082", "im0139"},
-    "hrf": set(),
-}
 
 
 def get_args_parser():
@@ -69,32 +61,21 @@ def get_args_parser():
     return parser
 
 
-def held_out(name, root, stems):
-    """The dataset's samples (both splits) to measure: ``stems``, else those the shipped model never saw."""
-    samples = dataset_files(name, root, "training") + dataset_files(name, root, "test")
-    chosen = [s for s in samples if (stem_of(s.image) in stems if stems else stem_of(s.image) not in TRAINED_ON[name])]
-    if not chosen:
-        raise UserError(f"no photographs to measure in {name} '{root}'")
-    return chosen
+def predicted_mask(net, sample, opts):
+    """(the photograph, its FOV, the mask predict.py writes for it: the vessel class inside the FOV, bool)."""
+    photo = predict.read_photo(sample.image, sample.mask, net.fov_diameter, net.multiple, net.kwargs["model"],
+                               net.fov_diameter_max)
+    probs, _ = predict.predict_photo(net, photo, opts)
+    return photo.image, photo.fov, (probs.argmax(dim=0).cpu().numpy() == 1) & photo.fov
 
 
-def predicted_mask(model, image, fov, saved, kwargs, opts):
-    """The mask predict.py writes for one photograph (vessel class inside the FOV), as bool [H, W]."""
-    probs, _ = predict.predict_group(model, [image], [(fov, "")], saved.get("fov_diameter") or 0, opts,
-                                     mean=opts.mean, std=opts.std, multiple=src.model_spec(kwargs["model"]).size_multiple,
-                                     amp_dtype=None)
-    return (probs[0].argmax(dim=0).cpu().numpy() == 1) & fov
-
-
-def measure_dataset(name, samples, model, saved, kwargs, opts):
+def measure_dataset(name, samples, net, opts):
     """[(predicted row, label row)] of every sample."""
     pairs = []
     for sample in samples:
         t0 = time.perf_counter()
-        image = read_image(sample.image, "RGB")
-        fov, _ = photo_fov(image, sample.mask, sample.image)
+        image, fov, pred = predicted_mask(net, sample, opts)
         label = read_label(sample.label, sample.image, image.shape[:2]) == 1
-        pred = predicted_mask(model, image, fov, saved, kwargs, opts)
         stem = stem_of(sample.image)
         pairs.append((measure(pred, fov, stem).row, measure(label, fov, stem).row))
         print(f"{name} {stem}: {image.shape[1]}x{image.shape[0]}  {time.perf_counter() - t0:.1f} s", flush=True)
@@ -127,15 +108,14 @@ def main(args):
         raise UserError(f"{len(args.dataset)} --dataset but {len(args.data_path)} --data-path: give one each")
     weights = weights_or_default(args.weights)
     device = resolve_device(args.device)
-    model, saved, kwargs = predict.load_model(weights, device)
     opts = predict.get_args_parser().parse_args(["--img", "-"])  # predict.py's defaults (tiles, batch)
-    opts.tta = bool(saved.get("eval_tta", False))
-    opts.mean, opts.std = normalisation(saved)
+    net = predict.open_network(weights, device, opts)
+    opts.tta = bool(net.saved.get("eval_tta", False))
     groups = {}
     start = time.perf_counter()
     with torch.inference_mode():
         for name, root in zip(args.dataset, args.data_path):
-            groups[name] = measure_dataset(name, held_out(name, root, args.images), model, saved, kwargs, opts)
+            groups[name] = measure_dataset(name, held_out_samples(name, root, args.images), net, opts)
     if len(groups) > 1:
         groups["pooled"] = [p for pairs in groups.values() for p in pairs]
     lines = agreement_rows(groups)
