@@ -225,7 +225,8 @@ def test_shipped_model_is_small_and_loads_as_plain_data():
     assert os.path.getsize(cli.SHIPPED_WEIGHTS) <= 20 * 2 ** 20
     ckpt = safe_load(cli.SHIPPED_WEIGHTS)  # weights_only=True
     args = ckpt["args"]
-    assert args["dataset"] == ["drive", "chase_db1", "stare"] and args["fov_diameter"] > 0
+    assert args["dataset"] == ["drive", "chase_db1", "stare", "hrf"]
+    assert 0 < args["fov_diameter"] < args["fov_diameter_max"]  # high-resolution photographs keep detail
     assert "optimizer" not in ckpt
     assert all(v.dtype in (torch.float16, torch.int64) for v in ckpt["model"].values())
 
@@ -246,7 +247,7 @@ def test_predict_without_weights_uses_the_shipped_model(tmp_path):
 def test_torch_hub_loads_the_shipped_model():
     model = torch.hub.load(ROOT, "unet_vessels", source="local")
     assert not model.training
-    assert len(model.mean) == len(model.std) == 3 and model.fov_diameter > 0
+    assert len(model.mean) == len(model.std) == 3 and 0 < model.fov_diameter < model.fov_diameter_max
     with torch.no_grad():
         out = model(torch.zeros(1, 3, 64, 80))["out"]
     assert out.shape == (1, 2, 64, 80)
@@ -270,7 +271,10 @@ def test_export_exports_the_shipped_model(tmp_path):
     r = run_script("export.py", "--weights", cli.SHIPPED_WEIGHTS, "--format", "pt2", "--output", tmp_path / "m.pt2")
     assert r.returncode == 0, r.stderr
     assert "the model expects photographs resized so that their field of view is" in r.stdout
+    assert "or kept at their own scale up to" in r.stdout
     extra = {"model.json": ""}
     torch.export.load(str(tmp_path / "m.pt2"), extra_files=extra)
     meta = json.loads(extra["model.json"])
-    assert meta["fov_diameter"] == safe_load(cli.SHIPPED_WEIGHTS)["args"]["fov_diameter"] > 0
+    saved = safe_load(cli.SHIPPED_WEIGHTS)["args"]
+    assert meta["fov_diameter"] == saved["fov_diameter"] > 0
+    assert meta["fov_diameter_max"] == saved["fov_diameter_max"] > saved["fov_diameter"]

@@ -90,7 +90,8 @@ def test_resume_of_a_fast_checkpoint_continues_it(drive_root):
     ckpt = fast_checkpoint()
     s = resolve(["--resume", "ckpt.pth", "--data-path", drive_root], checkpoint=ckpt)
     carried = {k: (ckpt[k], "checkpoint") for k in ("model", "num_classes", "base_c", "mean", "std", "fov_diameter",
-                                                       "dataset", "val_split", "val_seed", "val_images", "fov")}
+                                                       "fov_diameter_max", "dataset", "val_split", "val_seed",
+                                                       "val_images", "fov")}
     run = {k: (ckpt[k], "checkpoint") for k in RECIPES["fast"] if k not in ("base_c", "amp")}
     assert table(s) == expected(carried, run, typed(resume="ckpt.pth", data_path=drive_root),
                                 recipe=("fast", "checkpoint"), amp=(False, "derived"),

@@ -110,6 +110,9 @@ def test_demo_flag_sets_cpu_sized_defaults():
     (["--device", "cuda:0"], "CUDA is not available"),
     (["--test-only"], "--test-only needs the weights"),
     (["--scale-range", "1.2", "0.5"], "--scale-range needs 0 < MIN <= MAX"),
+    (["--fov-diameter-max", "500"], "--fov-diameter-max 500 needs --fov-diameter between 1 and it"),
+    (["--fov-diameter", "600", "--fov-diameter-max", "500"], "--fov-diameter-max 500 needs --fov-diameter between"),
+    (["--base-size", "-1"], "--base-size must be >= 0"),
 ])
 def test_bad_arguments_are_user_errors(drive_root, tmp_path, argv, message):
     # "CUDA is not available" holds on every machine: tests not marked cuda see none (conftest.py).

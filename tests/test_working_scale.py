@@ -86,7 +86,8 @@ def settings(tmp_path):
 
 
 # (FOV diameter, vessel width): enlarged (500 -> 700), kept (900), reduced (1600 and 3000 -> 1024, 0.64 and 0.34x).
-# A 4 px vessel of a 3000 px FOV is 1.4 px wide at 1024 px, and lost at 700 (0.9 px, never dark enough).
+# A 4 px vessel of a 3000 px FOV is 1.4 px wide at 1024 px: two working pixels of moderate darkness, which
+# resized probabilities would draw 6 px wide and resized log-probabilities draw 4 px wide.
 @pytest.mark.parametrize("diameter,width", [(500, 3), (900, 4), (1600, 5), (3000, 9), (3000, 4)])
 def test_a_vessel_keeps_its_width_in_the_written_mask(tmp_path, diameter, width):
     photo_path, mask_path, left = vessel_photo(tmp_path, diameter, width)
@@ -153,3 +154,33 @@ def test_the_random_resize_is_drawn_around_each_images_own_size(height, width):
     pixels = draw_short_side((100, 200), height, width)
     torch.manual_seed(0)
     assert pixels == int(torch.randint(100, 201, ()))
+
+
+def bilinear_loop(values, size):
+    """``values`` [C, h, w] resized to ``size`` by the formula of bilinear interpolation with half-pixel
+    centres (align_corners=False), one output pixel at a time."""
+    c, h, w = values.shape
+    out = torch.zeros(c, *size, dtype=torch.float64)
+    for i in range(size[0]):
+        for j in range(size[1]):
+            y = min(max((i + 0.5) * h / size[0] - 0.5, 0), h - 1)
+            x = min(max((j + 0.5) * w / size[1] - 0.5, 0), w - 1)
+            y0, x0 = int(y), int(x)
+            y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+            fy, fx = y - y0, x - x0
+            out[:, i, j] = ((1 - fy) * (1 - fx) * values[:, y0, x0] + (1 - fy) * fx * values[:, y0, x1]
+                            + fy * (1 - fx) * values[:, y1, x0] + fy * fx * values[:, y1, x1])
+    return out
+
+
+@pytest.mark.parametrize("size", [(11, 13), (3, 4)])
+def test_the_way_back_against_a_loop(size):
+    from train_utils.inference import probabilities_at
+    torch.manual_seed(0)
+    probs = torch.randn(1, 3, 5, 6).mul(3).softmax(1)
+    plain = bilinear_loop(probs[0].double(), size)
+    assert torch.allclose(probabilities_at(probs, size, "probability")[0].double(), plain, atol=1e-6)
+    logits = bilinear_loop(probs[0].double().log(), size)
+    back = probabilities_at(probs, size, "log")[0].double()
+    assert torch.allclose(back, logits.softmax(0), atol=1e-6)
+    assert torch.allclose(back.sum(0), torch.ones(size, dtype=torch.float64), atol=1e-6)

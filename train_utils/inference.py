@@ -174,11 +174,13 @@ def predict_probabilities(model, images: torch.Tensor, mean, std, tile_size=1024
 
 
 # How a prediction made at the working scale goes back to the photograph's size: its probabilities resized
-# ("probability"), or its log-probabilities resized and normalised again ("log").
+# ("probability"), or its log-probabilities resized and normalised again ("log", what validation and
+# predict.py do: thin vessels keep their width; docs/model_card.md measures both).
 RESIZE_SPACES = ("probability", "log")
+BACK_TO_SIZE = "log"
 
 
-def probabilities_at(probs: torch.Tensor, size, space="probability") -> torch.Tensor:
+def probabilities_at(probs: torch.Tensor, size, space=BACK_TO_SIZE) -> torch.Tensor:
     """Class probabilities ``[N, C, h, w]`` resized (bilinearly) to ``size`` = (H, W): a prediction made on a
     photograph rescaled for ``--fov-diameter``, back at the photograph's own size, where it is scored and
     written. Bilinear weights sum to 1, so the result is still a distribution per pixel.
