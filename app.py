@@ -242,12 +242,13 @@ def about(segmenter, card):
 
 
 def model_card():
-    """docs/model_card.md for the page, its links to other docs pages as plain text (the page has none of them);
-    empty when the file is not there."""
+    """docs/model_card.md for the page, its links to other docs pages as plain text and its pictures left out
+    (the page serves neither); empty when the file is not there."""
     if not os.path.isfile(MODEL_CARD):
         return ""
     with open(MODEL_CARD, encoding="utf-8") as f:
         text = f.read()
+    text = re.sub(r"!\[[^\]]*\]\((?!https?:)[^)]*\)\n?", "", text)
     return re.sub(r"\[([^\]]+)\]\((?!https?:)[^)]*\)", r"\1", text)
 
 

@@ -262,3 +262,12 @@ def test_without_gradio_app_py_is_one_line_naming_the_install(tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip() == ("error: the web page (app.py) needs the optional package gradio: pip install gradio "
                                 "(or pip install -r requirements-extras.txt)")
+
+
+def test_the_model_card_on_the_page_has_no_links_or_pictures_it_cannot_serve():
+    import re
+
+    import app
+    card = app.model_card()
+    assert card.startswith("# Model card") and "HRF" in card
+    assert "![" not in card and not re.search(r"\]\((?!https?:)", card)
