@@ -146,12 +146,12 @@ def test_training_photographs_are_at_their_working_scale(tmp_path):
 def test_the_random_resize_is_drawn_around_each_images_own_size(height, width):
     torch.manual_seed(0)
     short = min(height, width)
-    drawn = [draw_short_side((0.5, 1.2, True), height, width) for _ in range(400)]
+    drawn = [draw_short_side(0.5, 1.2, True, height, width) for _ in range(400)]
     assert min(drawn) >= math.floor(0.5 * short) and max(drawn) <= math.floor(1.2 * short)
     assert min(drawn) < 0.6 * short and max(drawn) > 1.1 * short  # the whole range is drawn
     # pixels (the tutorial's base size): the image's size plays no part, the draw is torchvision's
     torch.manual_seed(0)
-    pixels = draw_short_side((100, 200), height, width)
+    pixels = draw_short_side(100, 200, False, height, width)
     torch.manual_seed(0)
     assert pixels == int(torch.randint(100, 201, ()))
 

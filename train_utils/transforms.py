@@ -70,8 +70,8 @@ class RandomResize(v2.Transform):
 
     def make_params(self, flat_inputs):
         # The same draw as torchvision's RandomResize, so a seed gives the same sizes.
-        sizes = (self.min_size, self.max_size, self.relative)
-        return {"size": [draw_short_side(sizes, *v2.query_size(flat_inputs))]}
+        short = draw_short_side(self.min_size, self.max_size, self.relative, *v2.query_size(flat_inputs))
+        return {"size": [short]}
 
     def transform(self, inpt, params):
         if isinstance(inpt, tv_tensors.Mask):
@@ -105,11 +105,10 @@ class RandomRotate(v2.Transform):
         return F.rotate(inpt, params["angle"], interpolation=v2.InterpolationMode.BILINEAR, fill=self.fill)
 
 
-def draw_short_side(sizes, height, width):
-    """A random shorter side in ``sizes`` = (min, max), both included: pixels, or with ``sizes[2]`` True
-    (a base size of 0), factors of this image's own shorter side. One draw from torch's stream either way."""
-    lo, hi = sizes[:2]
-    if len(sizes) > 2 and sizes[2]:
+def draw_short_side(lo, hi, relative, height, width):
+    """A random shorter side in [lo, hi], both included: pixels, or with ``relative`` (a base size of 0)
+    factors of this image's own shorter side. One draw from torch's stream either way."""
+    if relative:
         short = min(height, width)
         lo, hi = max(1, int(lo * short)), max(1, int(hi * short))
     return int(torch.randint(lo, hi + 1, ()))
@@ -248,7 +247,7 @@ class RandomResizeRotateCrop(v2.Transform):
     def make_params(self, flat_inputs):
         h, w = v2.query_size(flat_inputs)
         # The chain's draws, in its order, each only where the chain has that transform.
-        short = draw_short_side((self.min_size, self.max_size, self.relative), h, w)
+        short = draw_short_side(self.min_size, self.max_size, self.relative, h, w)
         rh, rw = resized_size(h, w, short)
         angle = float(torch.empty(()).uniform_(-self.degrees, self.degrees)) if self.degrees > 0 else 0.0
         hflip = self.hflip_prob > 0 and not bool(torch.rand(1) >= self.hflip_prob)
