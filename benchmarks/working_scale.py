@@ -40,7 +40,7 @@ from my_dataset import DATASETS  # noqa: E402
 from train_utils.cli import weights_or_default  # noqa: E402
 from train_utils.distributed_utils import resolve_device  # noqa: E402
 from train_utils.errors import UserError, run_cli  # noqa: E402
-from train_utils.imaging import photo_fov, read_label, stem_of  # noqa: E402
+from train_utils.imaging import read_label, stem_of  # noqa: E402
 from train_utils.inference import RESIZE_SPACES, probabilities_at  # noqa: E402
 
 
@@ -99,10 +99,9 @@ def main(args):
                 with torch.inference_mode():
                     work, _ = predict.run_network(net, [photo.work], opts)
                 label = read_label(sample.label, sample.image, photo.image.shape[:2]) == 1
-                fov, _ = photo_fov(photo.image, sample.mask, sample.image)
                 for space in args.space:
                     probs = probabilities_at(work, photo.image.shape[:2], space)[0]
-                    row = scores((probs[1] > probs[0]).cpu().numpy(), label, fov)
+                    row = scores((probs[1] > probs[0]).cpu().numpy(), label, photo.fov)
                     key = (os.path.basename(weights), f"{high:g}", space)
                     for group in groups_of(name, stem):
                         table[key + (group,)].append(row)
