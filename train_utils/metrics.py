@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from .dice_coefficient_loss import build_target, dice_per_item
 from .distributed_utils import collective_device, is_dist_avail_and_initialized
 from .imaging import IGNORE_INDEX  # noqa: F401 - defined with the label files, re-exported here
+from .skeleton import centreline_counts, cldice
 
 
 class ConfusionMatrix:
@@ -133,6 +134,13 @@ class VesselMetrics:
     ground truth is ``target != 0`` and the score for the ROC curve is the
     foreground probability ``1 - softmax(logits)[:, 0]``.
 
+    Pixel counts barely see a missed thin vessel, which holds few pixels. The
+    centreline scores do: ``cl_recall`` is the share of the label's centreline
+    (``skeleton.skeletonize``) inside the predicted mask, ``cl_precision`` the
+    share of the prediction's centreline inside the label, ``cldice`` their
+    harmonic mean (Shit et al., CVPR 2021), each pooled over the images' centreline
+    pixels like the pixel counts.
+
     AUC is the Mann-Whitney statistic: the fraction of (vessel, background) pixel
     pairs in which the vessel pixel scores higher, ties counting 1/2. We keep the
     float32 score of every pixel and count exactly at ``compute()`` by sorting.
@@ -142,14 +150,15 @@ class VesselMetrics:
     (~5 bytes each), so storing them is cheap and exact.
     """
 
-    NAMES = ("sensitivity", "specificity", "accuracy", "f1", "auc")
+    NAMES = ("sensitivity", "specificity", "accuracy", "f1", "auc", "cl_recall", "cl_precision", "cldice")
+    COUNTS = 8  # tp, fp, tn, fn, then the four centreline counts
 
     def __init__(self, ignore_index=IGNORE_INDEX):
         self.ignore_index = ignore_index
         self.reset()
 
     def reset(self):
-        self.counts = None  # int64 [tp, fp, tn, fn], on the logits' device
+        self.counts = None  # int64 [tp, fp, tn, fn] + skeleton.centreline_counts, on the logits' device
         self.scores = []  # float32 foreground probability per pixel; -1 marks an ignored pixel
         self.labels = []  # bool ground truth per pixel
 
@@ -170,6 +179,7 @@ class VesselMetrics:
             (valid & pred & gt).sum(), (valid & pred & ~gt).sum(),
             (valid & ~pred & ~gt).sum(), (valid & ~pred & gt).sum(),
         ])
+        counts = torch.cat([counts, centreline_counts(pred, gt, valid).sum(0)])
         self.counts = counts if self.counts is None else self.counts + counts
         # Ignored pixels are kept with a -1 sentinel (probabilities lie in [0, 1])
         # and dropped at compute time, for the same reason.
@@ -193,7 +203,9 @@ class VesselMetrics:
         if not is_dist_avail_and_initialized():
             return
         device = self._device()
-        counts = self.counts if self.counts is not None else torch.zeros(4, dtype=torch.int64, device=device)
+        counts = self.counts
+        if counts is None:
+            counts = torch.zeros(self.COUNTS, dtype=torch.int64, device=device)
         dist.all_reduce(counts)
         scores, labels = self._valid_pixels(device)
         # One [2, n] float32 tensor (labels 0/1 are exact in float32): one gather instead of two.
@@ -229,7 +241,8 @@ class VesselMetrics:
 
     def compute(self):
         """Metrics as Python floats; a ratio with a zero denominator is 0.0, AUC with one class NaN."""
-        tp, fp, tn, fn = self.counts.tolist() if self.counts is not None else (0, 0, 0, 0)
+        counts = self.counts.tolist() if self.counts is not None else [0] * self.COUNTS
+        tp, fp, tn, fn = counts[:4]
 
         def ratio(a, b):
             return a / b if b else 0.0
@@ -240,6 +253,7 @@ class VesselMetrics:
             "accuracy": ratio(tp + tn, tp + tn + fp + fn),
             "f1": ratio(2 * tp, 2 * tp + fp + fn),
             "auc": self._auc(),
+            **cldice(counts[4:]),
         }
 
     def __str__(self):
