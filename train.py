@@ -175,11 +175,13 @@ def build_datasets(s):
                 raise UserError(f"{where} has no test images to validate on; hold out training images with "
                                 "--val-split N")
         train_tf = get_transform(True, s.mean, s.std, base_size=base, crop_size=s.crop_size, rotate=s.rotate,
-                                 color_jitter=s.color_jitter, scale_range=s.scale_range, crop_first=s.crop_first)
+                                 color_jitter=s.color_jitter, scale_range=s.scale_range, crop_first=s.crop_first,
+                                 noise=s.noise)
         lo, hi = s.scale_range
         say(f"training images: random resize of the shorter side to [{lo:g}, {hi:g}] x {base or 'its own'}"
             + (f", rotation within {s.rotate:g} degrees" if s.rotate else "") + f", crop {s.crop_size}"
             + (" (sampled crop-first)" if s.crop_first else "")
+            + (f", Gaussian noise of sd up to {s.noise:g} on half the crops" if s.noise else "")
             + (f", photographs rescaled to a FOV {s.fov_diameter} px across" if s.fov_diameter else "")
             + (f" (up to {s.fov_diameter_max} px at their own scale)" if s.fov_diameter_max else ""))
         train_parts.append((source.name, VesselDataset(train, train_tf, **kw)))
@@ -292,7 +294,8 @@ def main(args):
             epoch_start = time.time()
             mean_loss, lr = train_one_epoch(train_model, optimizer, train_loader, device, epoch, num_classes,
                                             lr_scheduler=lr_scheduler, print_freq=s.print_freq, scaler=scaler,
-                                            amp_dtype=amp_dtype, channels_last=s.channels_last)
+                                            amp_dtype=amp_dtype, channels_last=s.channels_last,
+                                            skeleton_recall=s.skeleton_recall)
             utils.broadcast_buffers(model)  # every process validates and saves rank 0's BatchNorm statistics
             result = record = None  # --eval-every N: the last epoch is always validated
             if (epoch + 1) % s.eval_every == 0 or epoch == last_epoch - 1:

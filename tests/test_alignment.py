@@ -153,3 +153,33 @@ def test_train_preset_with_rotation_and_colour_keeps_labels_and_ignore():
     new_img, new_t = RandomPhotometric(0.3)(tv_tensors.Image(img), tv_tensors.Mask(target))
     assert torch.equal(new_t, target) and not torch.equal(new_img, img)
     assert new_img.dtype == torch.uint8
+
+
+def test_sensor_noise_touches_the_image_only_with_its_drawn_strength():
+    """--noise: on half the crops, Gaussian noise of a standard deviation drawn from [0, S], clipped to [0, 1];
+    the mask and the geometry are those of the same seed without it."""
+    from train_utils.transforms import RandomNoise
+
+    grey = tv_tensors.Image(torch.full((3, 200, 200), 0.5))
+    target = tv_tensors.Mask(torch.randint(0, 2, (200, 200), dtype=torch.int64))
+    sds, kept = [], 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        out, t = RandomNoise(0.08)(grey, target)
+        assert torch.equal(t, target) and out.min() >= 0 and out.max() <= 1
+        sd = float((out - 0.5).std())
+        kept += sd == 0
+        sds.append(sd)
+    assert 10 <= kept <= 30  # about half the crops are left clean
+    noisy = [s for s in sds if s > 0]
+    assert max(noisy) < 0.08 * 1.05 and min(noisy) < 0.04 < max(noisy)  # spread over [0, S]
+    assert torch.equal(RandomNoise(0.08, p=0.0)(grey, target)[0], grey)
+    # In the preset: the same draws of geometry as without noise, so the same labels.
+    img, target = block_images(size=160)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        clean_img, clean_t = SegmentationPresetTrain(base_size=160, crop_size=96, rotate=90)(img, target)
+        torch.manual_seed(seed)
+        noisy_img, noisy_t = SegmentationPresetTrain(base_size=160, crop_size=96, rotate=90, noise=0.05)(img, target)
+        assert torch.equal(clean_t, noisy_t)
+        assert noisy_img.shape == clean_img.shape

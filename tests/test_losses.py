@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from tests.conftest import sync_debug_error
 from train_utils.dice_coefficient_loss import build_target, dice_coeff, dice_loss, multiclass_dice_coeff
+from train_utils.skeleton import skeleton_recall_loss
 from train_utils.train_and_eval import criterion
 
 EPS = 1e-6
@@ -134,6 +135,20 @@ def test_criterion_with_and_without_aux(c):
     with_aux = criterion({"out": out, "aux": aux}, t, w, num_classes=c, ignore_index=255).item()
     assert with_aux == pytest.approx(expected + 0.5 * loop_criterion(aux, t, w, c), abs=1e-5)
     assert criterion({"out": out.bfloat16()}, t, w, num_classes=c, ignore_index=255).dtype == torch.float32
+
+
+@pytest.mark.parametrize("c", [2, 3])
+def test_criterion_adds_the_weighted_skeleton_recall_loss(c):
+    gen = torch.Generator().manual_seed(c)
+    out = torch.randn(2, c, 16, 20, generator=gen)
+    t = random_target(2, c, 16, 20, gen)
+    w = torch.tensor([1.0, 2.0]) if c == 2 else None
+    plain = criterion({"out": out}, t, w, num_classes=c, ignore_index=255)
+    assert criterion({"out": out}, t, w, num_classes=c, ignore_index=255, skeleton_recall=0.0).item() == plain.item()
+    extra = skeleton_recall_loss(out, t, 255)
+    assert extra.item() > 0
+    got = criterion({"out": out}, t, w, num_classes=c, ignore_index=255, skeleton_recall=1.5)
+    assert got.item() == pytest.approx(plain.item() + 1.5 * extra.item(), abs=1e-6)
 
 
 def test_criterion_gradient_flows():

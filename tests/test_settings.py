@@ -177,6 +177,8 @@ def test_settings_are_read_only_and_printed_with_their_sources(drive_root):
     (["--crop-size", "10"], "--crop-size 10 is smaller than the 16 pixels the unet model needs"),
     (["--model", "vgg16_unet", "--crop-size", "24"], "--crop-size 24 is smaller than the 32 pixels the vgg16_unet"),
     (["--recipe", "fast", "--crops-per-image", "0"], "--crops-per-image must be at least 1"),
+    (["--noise", "-0.1"], "--noise must be in"),
+    (["--skeleton-recall", "nan"], "--skeleton-recall must be a finite number"),
 ])
 def test_impossible_values_are_refused(drive_root, argv, message):
     with pytest.raises(UserError, match=message):

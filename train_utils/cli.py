@@ -184,6 +184,12 @@ def _recipe_flags(recipe):
                 "--rotate); --no-crop-first transforms the whole image one step after another")
     recipe("--color-jitter", dest="color_jitter", type=float, metavar="S",
            help="random brightness and contrast in [1-S, 1+S], gamma in [exp(-S), exp(S)]")
+    recipe("--noise", dest="noise", type=float, metavar="S",
+           help="add Gaussian noise of a standard deviation drawn from [0, S] (image in 0..1) to half the "
+                "training crops: photographs from noisier cameras than the training ones")
+    recipe("--skeleton-recall", dest="skeleton_recall", type=float, metavar="W",
+           help="add W x the skeleton recall loss to the tutorial's criterion: 1 - the share of the label's "
+                "centreline the vessel probability covers, which weighs thin vessels as much as wide ones")
     recipe("--demo", dest="demo", action="store_true",
            help="write a small synthetic DRIVE-format sample (if absent) and train on it on the CPU")
 

@@ -58,7 +58,9 @@ TUTORIAL = dict(
     weight_decay=1e-4, opt="sgd", lr_schedule="poly", amp=False, amp_dtype=None, seed=None,
     deterministic=False,
     # recipe and augmentation
-    recipe="tutorial", crops_per_image=1, rotate=0.0, color_jitter=0.0, crop_first=None,
+    recipe="tutorial", crops_per_image=1, rotate=0.0, color_jitter=0.0, crop_first=None, noise=0.0,
+    # loss: the tutorial's cross-entropy + dice, plus this weight of the skeleton recall loss
+    skeleton_recall=0.0,
     # evaluation
     eval_tta=False, eval_every=1, val_tile_size=1024, test_only=False,
     # output
@@ -90,11 +92,11 @@ MODEL_KEYS = {"model": "unet", "num_classes": 1, "base_c": 32}
 CARRIED_KEYS = tuple(MODEL_KEYS) + ("mean", "std", "fov_diameter", "fov_diameter_max")
 # A resumed run also keeps its held-out validation images.
 RESUMED_KEYS = ("dataset", "val_split", "val_seed", "val_images", "fov")
-# Everything a recipe decides (and the scale range and the crop-first sampling, the other augmentation
+# Everything a recipe decides (and the scale range, the crop-first sampling and the loss, the other training
 # settings): a fast run resumes as a fast run and is evaluated with its flip averaging, unless the flag is
 # typed again.
 RUN_KEYS = ("recipe",) + tuple(sorted({k for r in RECIPES.values() for k in r} - {"base_c"}
-                                       | {"scale_range", "crop_first"}))
+                                       | {"scale_range", "crop_first", "noise", "skeleton_recall"}))
 # Settings whose value depends on the machine: a checkpoint stores what was asked for (e.g. amp None, "where
 # it is faster"), so the machine that resumes decides again.
 MACHINE_KEYS = ("device", "amp", "amp_dtype", "workers", "channels_last")
@@ -345,6 +347,10 @@ def check_values(v):
     lo, hi = v["scale_range"]
     if not 0 < lo <= hi:
         raise UserError(f"--scale-range needs 0 < MIN <= MAX (got {lo:g} {hi:g})")
+    if not (math.isfinite(v["skeleton_recall"]) and v["skeleton_recall"] >= 0):
+        raise UserError(f"--skeleton-recall must be a finite number >= 0 (got {v['skeleton_recall']})")
+    if not 0 <= v["noise"] <= 1:
+        raise UserError(f"--noise must be in [0, 1] (got {v['noise']})")
     if not 0 <= v["color_jitter"] < 1:
         raise UserError(f"--color-jitter must be in [0, 1) (got {v['color_jitter']})")
     least = src.MODELS[v["model"]].size_multiple if v["model"] in src.MODELS else 1

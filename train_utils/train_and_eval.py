@@ -14,12 +14,16 @@ from . import distributed_utils as utils
 from .dice_coefficient_loss import build_target, dice_loss
 from .errors import UserError
 from .metrics import IGNORE_INDEX, ConfusionMatrix, DiceCoefficient
+from .skeleton import skeleton_recall_loss
 
 
-def criterion(inputs, target, loss_weight=None, num_classes: int = 2, dice: bool = True, ignore_index: int = -100):
+def criterion(inputs, target, loss_weight=None, num_classes: int = 2, dice: bool = True, ignore_index: int = -100,
+              skeleton_recall: float = 0.0):
     """Cross-entropy (+ multiclass dice loss) of every model output; ``aux`` weighs 0.5.
 
-    The loss is computed in float32 whatever dtype autocast gave the logits.
+    ``skeleton_recall`` > 0 adds that weight of ``skeleton.skeleton_recall_loss``
+    (``--skeleton-recall``; 0, the tutorial's criterion, by default). The loss is
+    computed in float32 whatever dtype autocast gave the logits.
     """
     losses = {}
     for name, x in inputs.items():
@@ -28,6 +32,8 @@ def criterion(inputs, target, loss_weight=None, num_classes: int = 2, dice: bool
         if dice:
             dice_target = build_target(target, num_classes, ignore_index)
             loss = loss + dice_loss(x, dice_target, multiclass=True, ignore_index=ignore_index)
+        if skeleton_recall:
+            loss = loss + skeleton_recall * skeleton_recall_loss(x, target, ignore_index)
         losses[name] = loss
     if len(losses) == 1:
         return losses["out"]
@@ -47,7 +53,7 @@ def to_device(image, target, device, channels_last=False):
 
 
 def train_one_epoch(model, optimizer, data_loader, device, epoch, num_classes, lr_scheduler, print_freq=10,
-                    scaler=None, *, amp_dtype=None, channels_last=False):
+                    scaler=None, *, amp_dtype=None, channels_last=False, skeleton_recall=0.0):
     """One pass over ``data_loader``; returns (mean training loss over steps and processes, last lr).
 
     The tutorial's signature and call: ``num_classes`` counts the background,
@@ -55,7 +61,8 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, num_classes, l
     ``autocast(enabled=scaler is not None)``). train.py also names
     ``amp_dtype`` (float16, bfloat16, or None for float32), which decides
     autocast, and passes a ``torch.amp.GradScaler`` that may be disabled, so
-    the step has no branches.
+    the step has no branches, and the weight of the skeleton recall loss
+    (``criterion``'s ``skeleton_recall``).
     """
     model.train()
     if amp_dtype is None and scaler is not None and scaler.is_enabled():
@@ -72,7 +79,8 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, num_classes, l
         image, target = to_device(image, target, device, channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             output = model(image)
-            loss = criterion(output, target, loss_weight, num_classes=num_classes, ignore_index=IGNORE_INDEX)
+            loss = criterion(output, target, loss_weight, num_classes=num_classes, ignore_index=IGNORE_INDEX,
+                             skeleton_recall=skeleton_recall)
 
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
