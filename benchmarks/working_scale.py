@@ -15,9 +15,10 @@ probabilities go back to the photograph's size
 (``train_utils.inference.probabilities_at``). The network runs once per
 weights and scale; each way back reuses its output.
 
-Scores are the vessel class's dice, sensitivity and specificity inside the
-FOV, per photograph, then averaged per dataset (HRF also per category: h
-healthy, g glaucoma, dr diabetic retinopathy).
+Scores are the vessel class's dice, sensitivity, specificity, centreline
+recall and clDice (docs/metrics.md) inside the FOV, per photograph, then
+averaged per dataset (HRF also per category: h healthy, g glaucoma, dr
+diabetic retinopathy), with the worst photograph's dice.
 """
 import argparse
 import os
@@ -42,6 +43,7 @@ from train_utils.distributed_utils import resolve_device  # noqa: E402
 from train_utils.errors import UserError, run_cli  # noqa: E402
 from train_utils.imaging import read_label, stem_of  # noqa: E402
 from train_utils.inference import RESIZE_SPACES, probabilities_at  # noqa: E402
+from train_utils.skeleton import centreline_counts, cldice  # noqa: E402
 
 
 def get_args_parser():
@@ -62,11 +64,14 @@ def get_args_parser():
 
 
 def scores(vessels, label, fov):
-    """(dice, sensitivity, specificity) of the predicted vessels against the label, inside the FOV."""
+    """(dice, sensitivity, specificity, centreline recall, clDice) of the predicted vessels against the label,
+    inside the FOV."""
     p, t = vessels[fov], label[fov]
     tp, fp, fn = np.sum(p & t), np.sum(p & ~t), np.sum(~p & t)
     tn = p.size - tp - fp - fn
-    return 2 * tp / max(2 * tp + fp + fn, 1), tp / max(tp + fn, 1), tn / max(tn + fp, 1)
+    cl = cldice(centreline_counts(torch.from_numpy(vessels & fov)[None], torch.from_numpy(label & fov)[None])[0])
+    return (2 * tp / max(2 * tp + fp + fn, 1), tp / max(tp + fn, 1), tn / max(tn + fp, 1), cl["cl_recall"],
+            cl["cldice"])
 
 
 def groups_of(name, stem):
@@ -84,7 +89,7 @@ def main(args):
     opts = predict.get_args_parser().parse_args(["--img", "-"])  # predict.py's defaults (tiles, batch)
     samples = [(name, s) for name, root in zip(args.dataset, args.data_path)
                for s in held_out_samples(name, root, args.images)]
-    table = defaultdict(list)  # (weights, max, space, group) -> [(dice, se, sp)]
+    table = defaultdict(list)  # (weights, max, space, group) -> [(dice, se, sp, cl_recall, cldice, stem)]
     start = time.perf_counter()
     for weights in args.weights:
         weights = weights_or_default(weights)
@@ -104,20 +109,24 @@ def main(args):
                     row = scores((probs[1] > probs[0]).cpu().numpy(), label, photo.fov)
                     key = (os.path.basename(weights), f"{high:g}", space)
                     for group in groups_of(name, stem):
-                        table[key + (group,)].append(row)
+                        table[key + (group,)].append(row + (stem,))
                     if args.per_image:
-                        print(" ".join(key), f"{name} {stem}: dice {row[0]:.4f} se {row[1]:.4f} sp {row[2]:.4f}",
-                              flush=True)
+                        print(" ".join(key), f"{name} {stem}: dice {row[0]:.4f} se {row[1]:.4f} sp {row[2]:.4f} "
+                              f"cl_recall {row[3]:.4f} cldice {row[4]:.4f}", flush=True)
     groups = list(dict.fromkeys(k[3] for k in table))
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{time.perf_counter() - start:.0f} s; cells: mean dice (sensitivity, specificity), photographs")
+          f"{time.perf_counter() - start:.0f} s; cells: mean dice (sensitivity, specificity; centreline recall, "
+          f"clDice), worst photograph's dice, photographs")
     print("| weights | largest FOV | way back | " + " | ".join(groups) + " |")
     print("| --- | --- | --- |" + " --- |" * len(groups))
     for key in dict.fromkeys(k[:3] for k in table):
         cells = []
         for group in groups:
-            rows = np.array(table[key + (group,)])
-            cells.append(f"{rows[:, 0].mean():.4f} ({rows[:, 1].mean():.3f}, {rows[:, 2].mean():.3f}), {len(rows)}")
+            named = table[key + (group,)]
+            rows = np.array([r[:5] for r in named])
+            worst = min(named, key=lambda r: r[0])
+            cells.append(f"{rows[:, 0].mean():.4f} ({rows[:, 1].mean():.3f}, {rows[:, 2].mean():.3f}; "
+                         f"{rows[:, 3].mean():.3f}, {rows[:, 4].mean():.3f}), {worst[5]} {worst[0]:.4f}, {len(rows)}")
         print(f"| {' | '.join(key)} | " + " | ".join(cells) + " |")
 
 
