@@ -78,6 +78,7 @@ class Segmenter:
         onnx = self.weights.lower().endswith(".onnx")
         self.net = predict.open_network(self.weights, resolve_device("cpu" if onnx else args.device), self.settings)
         self.tta = bool(self.net.saved.get("eval_tta", False))  # as predict.py's default
+        self.settings.threshold = self.net.threshold  # the model's own decision threshold, as predict.py's
         self.max_pixels = args.max_megapixels * 1e6
         self.work_dir = tempfile.mkdtemp(prefix="unet-app-")
         atexit.register(shutil.rmtree, self.work_dir, True)

@@ -13,7 +13,9 @@ H and W are dynamic: any batch, any height and width of at least 32 pixels
 (64 for the backbone models), odd sizes included. The model, its class count
 its normalisation and its FOV scale (``fov_diameter``: photographs resized so
 that their field of view is that many pixels across, 0 for none; ``fov_diameter_max``:
-wider ones kept at their own scale up to that many pixels, 0 for none) are
+wider ones kept at their own scale up to that many pixels, 0 for none) and
+its decision threshold (``vessel_threshold``, ``--threshold``: a vessel
+where its probability exceeds it; null for the more likely class) are
 stored in the file (ONNX: ``metadata_props``; .pt2:
 the extra file ``model.json``), so ``predict.py --weights unet.onnx`` needs
 nothing else, and no PyTorch: only numpy, Pillow and onnxruntime.
@@ -42,7 +44,7 @@ from train_utils import extras
 from train_utils.checkpoint import load_checkpoint, model_from_checkpoint, normalisation
 from train_utils.errors import UserError, run_cli
 from train_utils.files import atomic_write, ensure_writable_folder
-from train_utils.inference import inference_model
+from train_utils.inference import check_threshold, inference_model
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 PT2_META_FILE = "model.json"
@@ -84,8 +86,9 @@ class LogitsOnly(nn.Module):
         return self.model(image)["out"]
 
 
-def load_for_export(weights):
-    """(eval-mode model with BatchNorm folded, metadata dict) from a train.py checkpoint, as predict.py builds it."""
+def load_for_export(weights, threshold=None):
+    """(eval-mode model with BatchNorm folded, metadata dict) from a train.py checkpoint, as predict.py builds it;
+    ``threshold`` replaces the checkpoint's decision threshold."""
     model, ckpt, kwargs = model_from_checkpoint(weights, "export.py exports RGB models")
     mean, std = normalisation(ckpt.get("args", {}))
     net = LogitsOnly(inference_model(model, channels_last=False)).eval()
@@ -93,6 +96,7 @@ def load_for_export(weights):
     meta = {"model": kwargs["model"], "num_classes": kwargs["num_classes"] - 1, "base_c": kwargs["base_c"],
             "mean": mean, "std": std, "fov_diameter": ckpt.get("args", {}).get("fov_diameter") or 0,
             "fov_diameter_max": ckpt.get("args", {}).get("fov_diameter_max") or 0,
+            "vessel_threshold": threshold if threshold is not None else ckpt.get("args", {}).get("vessel_threshold"),
             "epoch": ckpt.get("epoch"), "best_dice": ckpt.get("best_dice"),
             "source": os.path.basename(weights), "input": INPUT_NAME, "output": OUTPUT_NAME,
             "normalisation": "image = (rgb / 255 - mean) / std, float32 [N, 3, H, W]"}
@@ -165,14 +169,17 @@ def export_pt2(net, meta, tmp, check):
             compare("torch.export.load", loaded.module()(probe).numpy(), net(probe))
 
 
-def export_half_checkpoint(weights, tmp, check):
+def export_half_checkpoint(weights, tmp, check, threshold=None):
     """A checkpoint of the model alone (no optimiser state, no paths of the training machine), its
-    floating-point tensors stored in float16: a quarter of a training checkpoint's size. It loads as any checkpoint (into float32 parameters). The
-    check compares the float16 model's predicted classes with the original's on a random input."""
+    floating-point tensors stored in float16: a quarter of a training checkpoint's size. It loads as any
+    checkpoint (into float32 parameters); ``threshold`` is stored as its ``vessel_threshold``. The check
+    compares the float16 model's predicted classes with the original's on a random input."""
     ckpt = load_checkpoint(weights)
     state = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     # The folders of the machine it was trained on mean nothing elsewhere (and may name private places).
     args = {k: v for k, v in ckpt["args"].items() if k not in LOCAL_PATH_KEYS}
+    if threshold is not None:
+        args["vessel_threshold"] = threshold
     torch.save({"model": state, "args": args, "epoch": ckpt.get("epoch"), "best_dice": ckpt.get("best_dice")}, tmp)
     if check:
         original, _, _ = model_from_checkpoint(weights)
@@ -196,10 +203,11 @@ def main(args):
     check_torch_version()
     weights = weights_or_default(args.weights)
     fmt, out = resolve_format(args, weights)
+    check_threshold(args.threshold)
     if fmt == "onnx":  # before the minutes of exporting: is everything installed?
         extras.require("exporting to ONNX", "onnx", "onnxscript")
     ensure_writable_folder(os.path.dirname(os.path.abspath(out)), f"--output '{out}'")
-    net, meta = load_for_export(weights)
+    net, meta = load_for_export(weights, args.threshold)
     print(f"exporting {src.describe(meta['model'], meta['num_classes'] + 1, meta['base_c'])} "
           f"from '{weights}' to {fmt}")
     torch.manual_seed(0)  # the same example and check inputs every time
@@ -209,8 +217,12 @@ def main(args):
     elif fmt == "pt2":
         atomic_write(out, lambda tmp: export_pt2(net, meta, tmp, args.check), suffix=FORMATS[fmt])
     else:
-        atomic_write(out, lambda tmp: export_half_checkpoint(weights, tmp, args.check), suffix=FORMATS[fmt])
+        atomic_write(out, lambda tmp: export_half_checkpoint(weights, tmp, args.check, args.threshold),
+                     suffix=FORMATS[fmt])
     size = os.path.getsize(out) / 2 ** 20
+    if meta["vessel_threshold"] is not None:
+        print(f"predict.py draws a vessel where its probability exceeds {meta['vessel_threshold']:g} "
+              "(stored as vessel_threshold)")
     if fmt == "pth":
         print(f"wrote {out} ({size:.1f} MB): the model's weights in float16, loaded as any checkpoint")
         return

@@ -15,7 +15,8 @@ dependencies = ["torch", "torchvision", "numpy", "PIL"]
 
 def unet_vessels():
     """The shipped vessel U-Net in evaluation mode (float32, on the CPU), with the input it expects attached:
-    ``mean`` and ``std`` (RGB, for images scaled to 0..1), ``fov_diameter`` and ``fov_diameter_max`` (pixels)."""
+    ``mean`` and ``std`` (RGB, for images scaled to 0..1), ``fov_diameter`` and ``fov_diameter_max`` (pixels),
+    and ``vessel_threshold``: a vessel where 1 - softmax(logits)[:, 0] exceeds it (None: the more likely class)."""
     from train_utils.checkpoint import model_from_checkpoint, normalisation
     from train_utils.cli import SHIPPED_WEIGHTS
 
@@ -24,4 +25,5 @@ def unet_vessels():
     model.mean, model.std = normalisation(saved)
     model.fov_diameter = int(saved.get("fov_diameter") or 0)
     model.fov_diameter_max = int(saved.get("fov_diameter_max") or 0)
+    model.vessel_threshold = saved.get("vessel_threshold")
     return model.eval()

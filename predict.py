@@ -16,7 +16,9 @@ model shipped in ``weights/`` (docs/model_card.md).
 For each input ``<stem>.<ext>`` it writes ``<stem>.png`` in ``--output-dir``
 (or, for one image, ``--output FILE.png``): 0/255 with 255 where the
 predicted class is not the background (with more than one foreground
-class: a palette PNG of class indices); ``--save-prob`` adds
+class: a palette PNG of class indices), the more likely class or, with a
+decision threshold (``--threshold``, or the model's own), a vessel where
+its probability exceeds it; ``--save-prob`` adds
 ``<stem>_prob.png``, the foreground probability 1 - P(background) as 0..255;
 ``--overlay`` adds ``<stem>_overlay.png``, the vessels drawn over the photograph.
 ``--measure`` adds the measurements of every mask (docs/measurements.md) to
@@ -39,7 +41,7 @@ import argparse
 import os
 import time
 import traceback
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from train_utils.allocator import use_fast_allocator
 from train_utils.cli import MEASUREMENTS_CSV, predict_parser as get_args_parser, weights_or_default
@@ -64,7 +66,8 @@ from train_utils.errors import UserError, run_cli
 from train_utils.files import DiskFullError, atomic_write, nearest_existing
 from train_utils.imaging import (IMAGE_EXTS, check_min_size, files_by_stem, find_mask, fov_scale, list_inputs,
                                  palette_image, photo_fov, read_photograph, stem_of)
-from train_utils.inference import inference_model, predict_probabilities, probabilities_at
+from train_utils.inference import (check_threshold, inference_model, predict_probabilities, predicted_classes,
+                                   probabilities_at)
 from train_utils.precision import autocast_dtype
 from train_utils.transforms import rescale
 
@@ -85,6 +88,7 @@ def check_args(args):
         raise UserError("--tile-size and --tile-overlap must be >= 0")
     if args.tile_size and args.tile_overlap >= args.tile_size:
         raise UserError(f"--tile-overlap ({args.tile_overlap}) must be smaller than --tile-size ({args.tile_size})")
+    check_threshold(args.threshold)
 
 
 # ---------------------------------------------------------------------------
@@ -170,13 +174,10 @@ def save_outputs(probs, image, fov, plan, args, table=None, name=""):
         os.makedirs(folder, exist_ok=True)
     fov_t = torch.from_numpy(fov).to(probs.device)
     num_classes = probs.shape[0]
+    classes = torch.where(fov_t, predicted_classes(probs, args.threshold), 0).to(torch.uint8).cpu().numpy()
     if num_classes <= 2:
-        # argmax of two classes: the foreground where it is strictly the larger (a tie is the background)
-        vessels = (probs[-1] > probs[0]).logical_and_(fov_t).cpu().numpy()
-        classes = vessels.view(np.uint8)
         save_png(Image.fromarray(classes * np.uint8(255)), mask_path)
     else:
-        classes = torch.where(fov_t, probs.argmax(dim=0), 0).to(torch.uint8).cpu().numpy()
         save_png(palette_image(classes, CLASS_COLOURS), mask_path)
     if args.save_prob:
         fg = probs[0].neg_().add_(1).masked_fill_(~fov_t, 0).clamp_(0, 1)  # 1 - P(background)
@@ -215,8 +216,8 @@ def load_model(weights, device, channels_last=True):
 
 class Network(NamedTuple):
     """A loaded model and what running it takes: the checkpoint's ``args`` (or the export's metadata), its
-    ``build_model`` kwargs, the device, the normalisation, the autocast dtype, the size multiple and the FOV
-    scale it was trained at (0: none)."""
+    ``build_model`` kwargs, the device, the normalisation, the autocast dtype, the size multiple, the FOV
+    scale it was trained at (0: none) and its decision threshold (None: the more likely class)."""
     model: object
     saved: dict
     kwargs: dict
@@ -227,6 +228,7 @@ class Network(NamedTuple):
     multiple: int
     fov_diameter: float
     fov_diameter_max: float = 0
+    threshold: Optional[float] = None
 
 
 def open_network(weights, device, args):
@@ -240,7 +242,7 @@ def open_network(weights, device, args):
     mean, std = normalisation(saved)
     return Network(model, saved, kwargs, device, mean, std, autocast_dtype(device, args.amp, args.amp_dtype),
                    src.model_spec(kwargs["model"]).size_multiple, saved.get("fov_diameter") or 0,
-                   saved.get("fov_diameter_max") or 0)
+                   saved.get("fov_diameter_max") or 0, saved.get("vessel_threshold"))
 
 
 def run_network(net, works, args):
@@ -457,6 +459,8 @@ def main(args):
         net = open_network(weights, device, args)
         if args.tta is None:  # a recipe that validated with flip averaging is meant to be used with it
             args.tta = bool(net.saved.get("eval_tta", False))
+        if args.threshold is None:  # the threshold the model was shipped with, if any
+            args.threshold = net.threshold
         if args.workers is None:  # on 2 CPU cores a reading thread only takes them from the network (measured)
             args.workers = 0 if net.device.type == "cpu" else 1
         tell(f"using {net.device.type} device; model {src.describe(**net.kwargs)} from '{weights}'"
@@ -465,7 +469,7 @@ def main(args):
             tell("no --roi-mask given: the field of view is estimated from each image's dark border")
         # 3. What is left to do, then the photographs
         run = PhotoRun(args, inputs, plans, folder, proc, table)
-        todo = run.todo(dict(weights=file_digest(weights), tta=args.tta,
+        todo = run.todo(dict(weights=file_digest(weights), tta=args.tta, threshold=args.threshold,
                              amp=net.amp_dtype and str(net.amp_dtype), tile_size=args.tile_size,
                              tile_overlap=args.tile_overlap, roi_mask=args.roi_mask,
                              measure=args.measure and [args.pixel_size, args.fov_angle, args.measure_diameter]))

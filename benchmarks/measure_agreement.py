@@ -51,6 +51,7 @@ from train_utils.cli import weights_or_default  # noqa: E402
 from train_utils.distributed_utils import resolve_device  # noqa: E402
 from train_utils.errors import UserError, run_cli  # noqa: E402
 from train_utils.imaging import read_label, stem_of  # noqa: E402
+from train_utils.inference import predicted_classes  # noqa: E402
 from train_utils.measurements import FEATURES, MeasurementsFile, icc_a1, mean_difference, measure  # noqa: E402
 from train_utils.skeleton import centreline_counts, cldice  # noqa: E402
 
@@ -74,17 +75,16 @@ def get_args_parser():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output-dir", default=None, help="keep predicted.csv, labels.csv and agreement.md here")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="vessel where its probability exceeds this (default: the more likely class, 0.5)")
+                        help="vessel where its probability exceeds this (default: the model's own, as predict.py)")
     return parser
 
 
-def predicted_mask(net, sample, opts, threshold=None):
+def predicted_mask(net, sample, opts):
     """(the photograph, its FOV, the mask predict.py writes for it: the vessel class inside the FOV, bool)."""
     photo = predict.read_photo(sample.image, sample.mask, net.fov_diameter, net.multiple, net.kwargs["model"],
                                net.fov_diameter_max)
     probs, _ = predict.predict_photo(net, photo, opts)
-    vessels = probs.argmax(dim=0) == 1 if threshold is None else probs[1] > threshold
-    return photo.image, photo.fov, vessels.cpu().numpy() & photo.fov
+    return photo.image, photo.fov, (predicted_classes(probs, opts.threshold) == 1).cpu().numpy() & photo.fov
 
 
 def pixel_scores(mask, label, fov):
@@ -105,12 +105,12 @@ class Measured(NamedTuple):
     second_scores: Optional[dict]
 
 
-def measure_dataset(name, samples, net, opts, threshold=None):
+def measure_dataset(name, samples, net, opts):
     """A ``Measured`` per sample."""
     out = []
     for sample in samples:
         t0 = time.perf_counter()
-        image, fov, pred = predicted_mask(net, sample, opts, threshold)
+        image, fov, pred = predicted_mask(net, sample, opts)
         label = read_label(sample.label, sample.image, image.shape[:2]) == 1
         stem = stem_of(sample.image)
         second_path = SECOND_OBSERVER[name](sample.label) if name in SECOND_OBSERVER else None
@@ -190,16 +190,16 @@ def main(args):
     opts = predict.get_args_parser().parse_args(["--img", "-"])  # predict.py's defaults (tiles, batch)
     net = predict.open_network(weights, device, opts)
     opts.tta = bool(net.saved.get("eval_tta", False))
+    opts.threshold = net.threshold if args.threshold is None else args.threshold
     groups = {}
     start = time.perf_counter()
     with torch.inference_mode():
         for name, root in zip(args.dataset, args.data_path):
-            groups[name] = measure_dataset(name, held_out_samples(name, root, args.images), net, opts,
-                                           args.threshold)
+            groups[name] = measure_dataset(name, held_out_samples(name, root, args.images), net, opts)
     if len(groups) > 1:
         groups["pooled"] = [p for pairs in groups.values() for p in pairs]
     lines = agreement_rows(groups) + [""] + score_rows(groups)
-    threshold = "the more likely class" if args.threshold is None else f"probability > {args.threshold:g}"
+    threshold = "the more likely class" if opts.threshold is None else f"probability > {opts.threshold:g}"
     head = (f"weights {os.path.relpath(weights, ROOT)}, flips averaged: {opts.tta}, vessel: {threshold}; "
             f"{platform.processor() or platform.machine()}, torch {torch.__version__}; "
             f"{time.perf_counter() - start:.0f} s")

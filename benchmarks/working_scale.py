@@ -42,7 +42,7 @@ from train_utils.cli import weights_or_default  # noqa: E402
 from train_utils.distributed_utils import resolve_device  # noqa: E402
 from train_utils.errors import UserError, run_cli  # noqa: E402
 from train_utils.imaging import read_label, stem_of  # noqa: E402
-from train_utils.inference import RESIZE_SPACES, probabilities_at  # noqa: E402
+from train_utils.inference import RESIZE_SPACES, predicted_classes, probabilities_at  # noqa: E402
 from train_utils.skeleton import centreline_counts, cldice  # noqa: E402
 
 
@@ -106,7 +106,7 @@ def main(args):
                 label = read_label(sample.label, sample.image, photo.image.shape[:2]) == 1
                 for space in args.space:
                     probs = probabilities_at(work, photo.image.shape[:2], space)[0]
-                    row = scores((probs[1] > probs[0]).cpu().numpy(), label, photo.fov)
+                    row = scores((predicted_classes(probs, net.threshold) == 1).cpu().numpy(), label, photo.fov)
                     key = (os.path.basename(weights), f"{high:g}", space)
                     for group in groups_of(name, stem):
                         table[key + (group,)].append(row + (stem,))

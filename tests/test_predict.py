@@ -14,7 +14,7 @@ from src import build_model
 from tests.conftest import leave_free, run_script, spread_output
 from train_utils.errors import run_cli
 from train_utils.imaging import estimate_fov
-from train_utils.inference import blend_weights, predict_probabilities, tile_grid
+from train_utils.inference import blend_weights, predict_probabilities, predicted_classes, tile_grid
 from train_utils.synthetic import synthetic_fundus, write_synthetic_drive
 from train_utils.transforms import DRIVE_MEAN, DRIVE_STD, normalize_image
 
@@ -126,6 +126,59 @@ def test_three_classes_give_a_palette_png(env):
     fov = fov_of(env, "02_test")
     assert set(np.unique(classes[fov])) == {0, 1, 2}
     assert not classes[~fov].any()
+
+
+def test_threshold_draws_vessels_above_it_and_travels_with_the_exported_model(env):
+    """--threshold P: a vessel wherever the written probability's unrounded value exceeds P; export.py
+    --threshold stores it as the model's own (predict.py's default), and a typed one still wins."""
+    out = env["root"] / "thresholds"
+    fov = fov_of(env, "01_test")
+    img = env["images"] / "01_test.tif"
+    common = ("--img", img, "--roi-mask", env["masks"], "--save-prob")
+    masks = {}
+    for t in ("0.3", "0.7"):
+        r = run_predict("--weights", env["ckpt"], *common, "--output", out / t / "m.png", "--threshold", t)
+        assert r.returncode == 0, r.stderr
+        masks[t] = np.array(Image.open(out / t / "m.png")) == 255
+        prob = np.array(Image.open(out / t / "m_prob.png")).astype(float) / 255
+        # The probability PNG is rounded to 1/255: only pixels within half a step of P may differ.
+        far = np.abs(prob - float(t)) > 0.5 / 255
+        assert np.array_equal(masks[t][far & fov], (prob > float(t))[far & fov])
+        assert not masks[t][~fov].any()
+    assert masks["0.3"].sum() > masks["0.7"].sum() > 0 and not (masks["0.7"] & ~masks["0.3"]).any()
+    shipped = env["root"] / "with_threshold.pth"
+    r = run_script("export.py", "--weights", env["ckpt"], "--format", "pth", "--output", shipped,
+                   "--threshold", "0.7", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "exceeds 0.7" in r.stdout
+    assert torch.load(shipped, weights_only=True)["args"]["vessel_threshold"] == 0.7
+    r = run_predict("--weights", shipped, *common, "--output", out / "own" / "m.png")
+    assert r.returncode == 0, r.stderr
+    own = np.array(Image.open(out / "own" / "m.png")) == 255
+    assert (own != masks["0.7"]).mean() < 0.002  # float16 storage may move a pixel at the edge
+    r = run_predict("--weights", shipped, *common, "--output", out / "typed" / "m.png", "--threshold", "0.3")
+    assert r.returncode == 0, r.stderr
+    assert (np.array(Image.open(out / "typed" / "m.png")) == 255).sum() > own.sum()
+    for bad in ("0", "1.5"):
+        r = run_predict("--weights", env["ckpt"], *common, "--output", out / "bad.png", "--threshold", bad)
+        assert r.returncode != 0 and error_lines(r.stderr) == [f"error: --threshold must be between 0 and 1 (got {bad})"]
+
+
+def test_predicted_classes_against_a_loop():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 7, 9, generator=g) * 2, 0)
+    probs[:, 0, 0] = torch.tensor([0.5, 0.5, 0.0])  # a tie between background and vessel
+    for threshold in (None, 0.2, 0.5, 0.8):
+        got = predicted_classes(probs, threshold)
+        for i in range(7):
+            for j in range(9):
+                p = probs[:, i, j].tolist()
+                if threshold is None:
+                    want = max(range(3), key=lambda c: (p[c], -c))  # the first of equal maxima
+                else:
+                    want = (1 + max(range(2), key=lambda c: (p[1 + c], -c))) if 1 - p[0] > threshold else 0
+                assert got[i, j] == want, (threshold, i, j, p)
+    assert predicted_classes(probs[:2] / probs[:2].sum(0), None)[0, 0] == 0  # two classes, a tie: background
 
 
 def test_tiled_prediction_matches_whole_image():

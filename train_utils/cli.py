@@ -273,6 +273,9 @@ def predict_parser(add_help=True, doc=None):
     flag("--tta", dest="tta", default=None, action=argparse.BooleanOptionalAction,
          help="average the softmax over the image and its horizontal and vertical flips (default: as the "
               "checkpoint's training validated, i.e. on for --recipe fast)")
+    flag("--threshold", dest="threshold", default=None, type=float, metavar="P",
+         help="vessel where its probability (1 - P(background)) exceeds P (default: the model's own, which "
+              "export.py --threshold stores; else the more likely class)")
     flag("-b", "--batch-size", dest="batch_size", default=1, type=int, metavar="N",
          help="tiles (or whole images of the same size at the model's scale) per forward pass")
     flag("-j", "--workers", dest="workers", default=None, type=int, metavar="N",
@@ -368,6 +371,9 @@ def export_parser(add_help=True, doc=None):
     flag("--output", dest="output", default=None, metavar="FILE", help="file to write, ending in .onnx, .pt2 or .pth "
          "(default: the checkpoint's name with the format's suffix)")
     flag("--opset", dest="opset", default=ONNX_OPSET, type=int, metavar="N", help="ONNX opset version")
+    flag("--threshold", dest="threshold", default=None, type=float, metavar="P",
+         help="store the decision threshold predict.py applies to this model's vessel probability (default: "
+              "the checkpoint's own, if any; else none: the more likely class)")
     flag("--check", dest="check", default=True, action=argparse.BooleanOptionalAction,
          help="run the exported model on an odd-sized input and compare it with PyTorch before writing (ONNX: "
               "when onnxruntime is installed)")

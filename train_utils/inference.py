@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .errors import UserError
 from .transforms import normalize_image
 
 
@@ -226,3 +227,20 @@ def evaluation_log_probs(model, images, tile_size=0, tile_overlap=128, multiple=
                                      multiple=multiple, channels_last=channels_last)
     return probabilities_at(probs, size or (h, w)).clamp_min(tiny).log()  # not in place: inference-mode tensor
 
+
+
+def predicted_classes(probs, threshold=None):
+    """The class map ``[..., H, W]`` (int64) of class probabilities ``[..., C, H, W]``: the more likely class
+    (``threshold`` None; a tie is the lower class, so two classes' tie is the background), or, with a
+    ``threshold``, a vessel wherever its probability 1 - P(background) exceeds it, of its most likely
+    foreground class."""
+    if threshold is None:
+        return probs.argmax(dim=-3)
+    foreground = probs.narrow(-3, 1, probs.shape[-3] - 1).argmax(dim=-3) + 1
+    return torch.where(probs.select(-3, 0) < 1 - threshold, foreground, 0)
+
+
+def check_threshold(threshold, flag="--threshold"):
+    """A decision threshold must lie strictly between 0 and 1 (None: the more likely class)."""
+    if threshold is not None and not 0 < threshold < 1:
+        raise UserError(f"{flag} must be between 0 and 1 (got {threshold:g})")
