@@ -15,11 +15,13 @@ from torch.utils.data import DataLoader
 from my_dataset import VesselDataset, drive_files
 from src import UNet
 from tests.conftest import spread_output
+from tests.test_skeleton import loop_counts
 from train_utils.distributed_utils import ShardedEvalSampler
 from train_utils.evaluation import (TEST_METRICS_COLUMNS, DatasetResults, ValidationResult, validate,
                                    write_test_metrics)
 from train_utils.inference import inference_model, predict_probabilities
 from train_utils.metrics import format_metrics
+from train_utils.skeleton import cldice
 from train_utils.transforms import get_transform
 
 EPS = 1e-6
@@ -89,14 +91,23 @@ def loop_vessel(fg, pred, target):
             "f1": 2 * tp / (2 * tp + fp + fn), "auc": auc}
 
 
+def image_centreline(pred, target):
+    """The four centreline counts of one image, by the pixel loops of tests/test_skeleton.py."""
+    p, t = pred.numpy(), target.numpy()
+    return loop_counts(p != 0, t != 0, t != 255)
+
+
 def plain_validation(outputs, targets, num_classes):
     """(confusion counts, mean per-image dice, pooled vessel metrics, per-image rows) of per-image outputs."""
     preds = [o.argmax(0) for o in outputs]
     fgs = [1.0 - o.softmax(0)[0] for o in outputs]
     mat = sum(loop_confusion(p, t, num_classes) for p, t in zip(preds, targets))
-    rows = [{"dice": loop_dice(p, t, num_classes), **loop_vessel(f, p, t)} for p, f, t in zip(preds, fgs, targets)]
+    centrelines = [image_centreline(p, t) for p, t in zip(preds, targets)]
+    rows = [{"dice": loop_dice(p, t, num_classes), **loop_vessel(f, p, t), **cldice(c)}
+            for p, f, t, c in zip(preds, fgs, targets, centrelines)]
     pooled = loop_vessel(torch.cat([f.flatten() for f in fgs]), torch.cat([p.flatten() for p in preds]),
                          torch.cat([t.flatten() for t in targets]))
+    pooled.update(cldice([sum(c[k] for c in centrelines) for k in range(4)]))
     return mat, float(np.mean([r["dice"] for r in rows])), pooled, rows
 
 
@@ -193,7 +204,8 @@ def test_rows_only_when_asked_and_report_prints_the_block(dataset, images):
 
 
 def test_write_test_metrics_csv(tmp_path):
-    vessel = {"sensitivity": 0.5, "specificity": 0.25, "accuracy": 1 / 3, "f1": 0.125, "auc": float("nan")}
+    vessel = {"sensitivity": 0.5, "specificity": 0.25, "accuracy": 1 / 3, "f1": 0.125, "auc": float("nan"),
+              "cl_recall": 0.875, "cl_precision": 0.5, "cldice": 7 / 11}
     rows = [("01_test.tif", {"dice": 0.75, **vessel}), ("02_test.tif", {"dice": 2 / 3, **vessel})]
     result = ValidationResult(confmat=None, dice=0.7, vessel=vessel, rows=rows)
     path = write_test_metrics(str(tmp_path), result, dataset="drive")
@@ -201,10 +213,14 @@ def test_write_test_metrics_csv(tmp_path):
     with open(path, newline="") as f:
         lines = list(csv.reader(f))
     assert lines == [
-        ["dataset", "image", "dice", "sensitivity", "specificity", "accuracy", "f1", "auc"],
-        ["drive", "01_test.tif", "0.750000", "0.500000", "0.250000", "0.333333", "0.125000", "nan"],
-        ["drive", "02_test.tif", "0.666667", "0.500000", "0.250000", "0.333333", "0.125000", "nan"],
-        ["drive", "pooled", "0.700000", "0.500000", "0.250000", "0.333333", "0.125000", "nan"],
+        ["dataset", "image", "dice", "sensitivity", "specificity", "accuracy", "f1", "auc", "cl_recall",
+         "cl_precision", "cldice"],
+        ["drive", "01_test.tif", "0.750000", "0.500000", "0.250000", "0.333333", "0.125000", "nan", "0.875000",
+         "0.500000", "0.636364"],
+        ["drive", "02_test.tif", "0.666667", "0.500000", "0.250000", "0.333333", "0.125000", "nan", "0.875000",
+         "0.500000", "0.636364"],
+        ["drive", "pooled", "0.700000", "0.500000", "0.250000", "0.333333", "0.125000", "nan", "0.875000",
+         "0.500000", "0.636364"],
     ]
     assert TEST_METRICS_COLUMNS == tuple(lines[0][2:])
     assert os.listdir(tmp_path) == ["test_metrics.csv"]  # written through a temporary file, none left behind

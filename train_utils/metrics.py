@@ -139,7 +139,9 @@ class VesselMetrics:
     (``skeleton.skeletonize``) inside the predicted mask, ``cl_precision`` the
     share of the prediction's centreline inside the label, ``cldice`` their
     harmonic mean (Shit et al., CVPR 2021), each pooled over the images' centreline
-    pixels like the pixel counts.
+    pixels like the pixel counts. Thinning runs until nothing changes, which the
+    host must check, so ``update`` only keeps the batch's two masks (bool, as the
+    labels) and they are thinned once, when the counts are first needed.
 
     AUC is the Mann-Whitney statistic: the fraction of (vessel, background) pixel
     pairs in which the vessel pixel scores higher, ties counting 1/2. We keep the
@@ -161,6 +163,7 @@ class VesselMetrics:
         self.counts = None  # int64 [tp, fp, tn, fn] + skeleton.centreline_counts, on the logits' device
         self.scores = []  # float32 foreground probability per pixel; -1 marks an ignored pixel
         self.labels = []  # bool ground truth per pixel
+        self.unthinned = []  # (predicted, labelled) vessel masks [N, H, W] inside the FOV, not yet counted
 
     @torch.no_grad()
     def update(self, logits, target):
@@ -179,8 +182,9 @@ class VesselMetrics:
             (valid & pred & gt).sum(), (valid & pred & ~gt).sum(),
             (valid & ~pred & ~gt).sum(), (valid & ~pred & gt).sum(),
         ])
-        counts = torch.cat([counts, centreline_counts(pred, gt, valid).sum(0)])
+        counts = torch.cat([counts, torch.zeros_like(counts)])  # the centreline's, once thinned
         self.counts = counts if self.counts is None else self.counts + counts
+        self.unthinned.append((pred & valid, gt & valid))
         # Ignored pixels are kept with a -1 sentinel (probabilities lie in [0, 1])
         # and dropped at compute time, for the same reason.
         fg = 1.0 - logits.softmax(1)[:, 0]
@@ -194,6 +198,12 @@ class VesselMetrics:
         keep = scores != -1.0  # not >= 0: a NaN score must stay and poison the AUC, not vanish
         return scores[keep], labels[keep]
 
+    def _thin(self):
+        """Add the centreline counts of the masks kept by ``update``."""
+        for pred, gt in self.unthinned:
+            self.counts[4:] += centreline_counts(pred, gt).sum(0)
+        self.unthinned = []
+
     def _device(self):
         # A rank that saw no batch still has to join the collectives, on a device its backend accepts.
         return self.counts.device if self.counts is not None else collective_device()
@@ -203,6 +213,7 @@ class VesselMetrics:
         if not is_dist_avail_and_initialized():
             return
         device = self._device()
+        self._thin()
         counts = self.counts
         if counts is None:
             counts = torch.zeros(self.COUNTS, dtype=torch.int64, device=device)
@@ -241,6 +252,7 @@ class VesselMetrics:
 
     def compute(self):
         """Metrics as Python floats; a ratio with a zero denominator is 0.0, AUC with one class NaN."""
+        self._thin()
         counts = self.counts.tolist() if self.counts is not None else [0] * self.COUNTS
         tp, fp, tn, fn = counts[:4]
 
