@@ -87,7 +87,7 @@ def test_fast_recipe_with_demo_takes_the_demos_sizes(drive_root):
 
 
 def test_resume_of_a_fast_checkpoint_continues_it(drive_root):
-    ckpt = fast_checkpoint()
+    ckpt = fast_checkpoint(noise=0.05, skeleton_recall=1.0)  # the loss and the noise go on as they were
     s = resolve(["--resume", "ckpt.pth", "--data-path", drive_root], checkpoint=ckpt)
     carried = {k: (ckpt[k], "checkpoint") for k in ("model", "num_classes", "base_c", "mean", "std", "fov_diameter",
                                                        "fov_diameter_max", "dataset", "val_split", "val_seed",
@@ -95,7 +95,8 @@ def test_resume_of_a_fast_checkpoint_continues_it(drive_root):
     run = {k: (ckpt[k], "checkpoint") for k in RECIPES["fast"] if k not in ("base_c", "amp")}
     assert table(s) == expected(carried, run, typed(resume="ckpt.pth", data_path=drive_root),
                                 recipe=("fast", "checkpoint"), amp=(False, "derived"),
-                                scale_range=(TUTORIAL["scale_range"], "checkpoint"), crop_size=(256, "checkpoint"))
+                                scale_range=(TUTORIAL["scale_range"], "checkpoint"), crop_size=(256, "checkpoint"),
+                                noise=(0.05, "checkpoint"), skeleton_recall=(1.0, "checkpoint"))
 
 
 def test_typed_recipe_flag_wins_over_the_checkpoint(drive_root):
