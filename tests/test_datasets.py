@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY_TRAIN, run_script, spread_output
+from tests.test_skeleton import loop_counts
 from my_dataset import DATASETS, STARE_TRAIN_COUNT, VesselDataset, dataset_files, holdout
 from train_utils.checkpoint import load_checkpoint
 from train_utils.errors import UserError
@@ -22,6 +23,7 @@ from train_utils.imaging import (estimate_fov, field_of_view, files_by_stem, rea
                                   split_ext)
 from train_utils.inference import evaluation_log_probs, predict_probabilities
 from train_utils.metrics import IGNORE_INDEX
+from train_utils.skeleton import cldice
 from train_utils.synthetic import WRITERS, synthetic_fundus, write_synthetic, write_synthetic_drive
 
 SIZE = dict(height=64, width=60)
@@ -345,7 +347,8 @@ def test_test_only_writes_per_image_and_pooled_metrics(drive_root, tmp_path):
         rows = list(csv.reader(f))
     assert rows[0][0] == "dataset" and {r_[0] for r_ in rows[1:]} == {"drive"}
     rows = [r_[1:] for r_ in rows]
-    assert rows[0] == ["image", "dice", "sensitivity", "specificity", "accuracy", "f1", "auc"]
+    assert rows[0] == ["image", "dice", "sensitivity", "specificity", "accuracy", "f1", "auc", "cl_recall",
+                       "cl_precision", "cldice"]
     test = dataset_files("drive", drive_root, "test")
     assert [r_[0] for r_ in rows[1:]] == names(test) + ["pooled"]
 
@@ -364,12 +367,16 @@ def test_test_only_writes_per_image_and_pooled_metrics(drive_root, tmp_path):
             logits = model(normalize_image(image[None], mean, std))["out"][0]
         probs = (1 - logits.softmax(0)[0]).numpy()
         expected = _plain_metrics((probs, logits.argmax(0).numpy()), target.numpy())
+        t = target.numpy()
+        expected.update(cldice(loop_counts(logits.argmax(0).numpy() != 0, t != 0, t != 255)))
         got = dict(zip(rows[0][1:], map(float, row[1:])))
         for key, value in expected.items():
             assert got[key] == pytest.approx(value, abs=2e-4) or (math.isnan(value) and math.isnan(got[key])), \
                 (row[0], key)
     # The pooled row is what was printed.
-    printed = dict(re.findall(r"^(sensitivity|specificity|accuracy|f1|auc): ([0-9.]+)$", r.stdout, re.M))
+    printed = dict(re.findall(r"^(sensitivity|specificity|accuracy|f1|auc|cl_recall|cl_precision|cldice): ([0-9.]+)$",
+                              r.stdout, re.M))
+    assert len(printed) == 8
     pooled = dict(zip(rows[0][1:], rows[-1][1:]))
     assert f"{float(pooled['dice']):.3f}" == re.search(r"dice coefficient: ([0-9.]+)", r.stdout).group(1)
     for key, value in printed.items():
