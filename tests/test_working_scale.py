@@ -82,7 +82,7 @@ def vessel_photo(folder, diameter, width):
 
 def settings(tmp_path):
     return argparse.Namespace(tile_size=1024, tile_overlap=128, batch_size=1, tta=False, channels_last=False,
-                              save_prob=False, overlay=False, measure=False)
+                              save_prob=False, overlay=False, measure=False, threshold=None)
 
 
 # (FOV diameter, vessel width): enlarged (500 -> 700), kept (900), reduced (1600 and 3000 -> 1024, 0.64 and 0.34x).
