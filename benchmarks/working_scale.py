@@ -13,9 +13,12 @@ checkpoint's largest working FOV diameter (``model``: the checkpoint's own;
 0: every photograph at ``--fov-diameter``), and ``--space`` names how the
 probabilities go back to the photograph's size
 (``train_utils.inference.probabilities_at``). The network runs once per
-weights and scale; each way back reuses its output.
+weights, scale and noise; each way back reuses its output.
 
-Scores are the vessel class's dice, sensitivity, specificity, centreline
+``--noise`` adds Gaussian noise of each standard deviation (in the
+photograph's 0-255 levels, seeded, every pixel and channel) to the
+photograph before it is brought to the working scale: a camera noisier than
+the training ones. Scores are the vessel class's dice, sensitivity, specificity, centreline
 recall and clDice (docs/metrics.md) inside the FOV, per photograph, then
 averaged per dataset (HRF also per category: h healthy, g glaucoma, dr
 diabetic retinopathy), with the worst photograph's dice.
@@ -41,9 +44,10 @@ from my_dataset import DATASETS  # noqa: E402
 from train_utils.cli import weights_or_default  # noqa: E402
 from train_utils.distributed_utils import resolve_device  # noqa: E402
 from train_utils.errors import UserError, run_cli  # noqa: E402
-from train_utils.imaging import read_label, stem_of  # noqa: E402
+from train_utils.imaging import fov_scale, read_label, stem_of  # noqa: E402
 from train_utils.inference import RESIZE_SPACES, predicted_classes, probabilities_at  # noqa: E402
 from train_utils.skeleton import centreline_counts, cldice  # noqa: E402
+from train_utils.transforms import rescale  # noqa: E402
 
 
 def get_args_parser():
@@ -58,6 +62,8 @@ def get_args_parser():
                         help="largest working FOV diameters to try: 'model' (the checkpoint's), 0 (none), or pixels")
     parser.add_argument("--space", nargs="+", default=["probability"], choices=RESIZE_SPACES,
                         help="ways back to the photograph's size to try")
+    parser.add_argument("--noise", nargs="+", type=float, default=[0.0], metavar="SD",
+                        help="standard deviations of Gaussian noise added to the photographs (0-255 levels)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--per-image", action="store_true", help="print every photograph's scores too")
     return parser
@@ -72,6 +78,13 @@ def scores(vessels, label, fov):
     cl = cldice(centreline_counts(torch.from_numpy(vessels & fov)[None], torch.from_numpy(label & fov)[None])[0])
     return (2 * tp / max(2 * tp + fp + fn, 1), tp / max(tp + fn, 1), tn / max(tn + fp, 1), cl["cl_recall"],
             cl["cldice"])
+
+
+def with_noise(image, sd, seed=0):
+    """The photograph (uint8 ``[H, W, 3]``) as uint8 ``[3, H, W]`` with seeded Gaussian noise of ``sd`` levels."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.from_numpy(image).permute(2, 0, 1).float()
+    return (img + sd * torch.randn(img.shape, generator=g)).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def groups_of(name, stem):
@@ -101,25 +114,28 @@ def main(args):
                 stem = stem_of(sample.image)
                 photo = predict.read_photo(sample.image, sample.mask, net.fov_diameter, net.multiple,
                                            net.kwargs["model"], high)
-                with torch.inference_mode():
-                    work, _ = predict.run_network(net, [photo.work], opts)
                 label = read_label(sample.label, sample.image, photo.image.shape[:2]) == 1
-                for space in args.space:
-                    probs = probabilities_at(work, photo.image.shape[:2], space)[0]
-                    row = scores((predicted_classes(probs, net.threshold) == 1).cpu().numpy(), label, photo.fov)
-                    key = (os.path.basename(weights), f"{high:g}", space)
-                    for group in groups_of(name, stem):
-                        table[key + (group,)].append(row + (stem,))
-                    if args.per_image:
-                        print(" ".join(key), f"{name} {stem}: dice {row[0]:.4f} se {row[1]:.4f} sp {row[2]:.4f} "
-                              f"cl_recall {row[3]:.4f} cldice {row[4]:.4f}", flush=True)
-    groups = list(dict.fromkeys(k[3] for k in table))
+                for sd in args.noise:
+                    work = photo.work if not sd else rescale(
+                        with_noise(photo.image, sd), fov_scale(photo.fov, net.fov_diameter, high))[0]
+                    with torch.inference_mode():
+                        out, _ = predict.run_network(net, [work], opts)
+                    for space in args.space:
+                        probs = probabilities_at(out, photo.image.shape[:2], space)[0]
+                        row = scores((predicted_classes(probs, net.threshold) == 1).cpu().numpy(), label, photo.fov)
+                        key = (os.path.basename(weights), f"{high:g}", space, f"{sd:g}")
+                        for group in groups_of(name, stem):
+                            table[key + (group,)].append(row + (stem,))
+                        if args.per_image:
+                            print(" ".join(key), f"{name} {stem}: dice {row[0]:.4f} se {row[1]:.4f} "
+                                  f"sp {row[2]:.4f} cl_recall {row[3]:.4f} cldice {row[4]:.4f}", flush=True)
+    groups = list(dict.fromkeys(k[4] for k in table))
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{time.perf_counter() - start:.0f} s; cells: mean dice (sensitivity, specificity; centreline recall, "
           f"clDice), worst photograph's dice, photographs")
-    print("| weights | largest FOV | way back | " + " | ".join(groups) + " |")
-    print("| --- | --- | --- |" + " --- |" * len(groups))
-    for key in dict.fromkeys(k[:3] for k in table):
+    print("| weights | largest FOV | way back | noise SD | " + " | ".join(groups) + " |")
+    print("| --- | --- | --- | --- |" + " --- |" * len(groups))
+    for key in dict.fromkeys(k[:4] for k in table):
         cells = []
         for group in groups:
             named = table[key + (group,)]

@@ -227,6 +227,8 @@ def test_shipped_model_is_small_and_loads_as_plain_data():
     args = ckpt["args"]
     assert args["dataset"] == ["drive", "chase_db1", "stare", "hrf"]
     assert 0 < args["fov_diameter"] < args["fov_diameter_max"]  # high-resolution photographs keep detail
+    # Trained for thin vessels and noisy cameras, and read at a threshold above the more likely class.
+    assert args["skeleton_recall"] > 0 and args["noise"] > 0 and 0.5 < args["vessel_threshold"] < 1
     assert "optimizer" not in ckpt
     assert all(v.dtype in (torch.float16, torch.int64) for v in ckpt["model"].values())
 
@@ -248,6 +250,7 @@ def test_torch_hub_loads_the_shipped_model():
     model = torch.hub.load(ROOT, "unet_vessels", source="local")
     assert not model.training
     assert len(model.mean) == len(model.std) == 3 and 0 < model.fov_diameter < model.fov_diameter_max
+    assert model.vessel_threshold == safe_load(cli.SHIPPED_WEIGHTS)["args"]["vessel_threshold"]
     with torch.no_grad():
         out = model(torch.zeros(1, 3, 64, 80))["out"]
     assert out.shape == (1, 2, 64, 80)
@@ -278,3 +281,5 @@ def test_export_exports_the_shipped_model(tmp_path):
     saved = safe_load(cli.SHIPPED_WEIGHTS)["args"]
     assert meta["fov_diameter"] == saved["fov_diameter"] > 0
     assert meta["fov_diameter_max"] == saved["fov_diameter_max"] > saved["fov_diameter"]
+    assert meta["vessel_threshold"] == saved["vessel_threshold"]
+    assert f"exceeds {saved['vessel_threshold']:g}" in r.stdout
