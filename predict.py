@@ -174,7 +174,7 @@ def save_outputs(probs, image, fov, plan, args, table=None, name=""):
         os.makedirs(folder, exist_ok=True)
     fov_t = torch.from_numpy(fov).to(probs.device)
     num_classes = probs.shape[0]
-    classes = torch.where(fov_t, predicted_classes(probs, args.threshold), 0).to(torch.uint8).cpu().numpy()
+    classes = predicted_classes(probs, args.threshold).masked_fill_(~fov_t, 0).cpu().numpy()
     if num_classes <= 2:
         save_png(Image.fromarray(classes * np.uint8(255)), mask_path)
     else:
