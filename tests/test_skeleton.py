@@ -126,8 +126,7 @@ def test_centreline_counts_and_cldice_against_loops():
     valid = np.ones_like(label)
     valid[:, :3] = False  # outside the FOV
     preds = [trunk_only, wide, label, np.zeros_like(label)]
-    got = centreline_counts(torch.from_numpy(np.stack(preds)), torch.from_numpy(np.stack([label] * 4)),
-                            torch.from_numpy(np.stack([valid] * 4)))
+    got = centreline_counts(torch.from_numpy(np.stack(preds) & valid), torch.from_numpy(np.stack([label] * 4) & valid))
     want = [loop_counts(p, label, valid) for p in preds]
     assert got.tolist() == want
     # The trunk alone misses the branch's centreline: recall below 1 by the branch's share, precision 1.

@@ -76,15 +76,13 @@ def skeletonize(mask, check_every=4):
             return x
 
 
-def centreline_counts(pred, label, valid=None):
+def centreline_counts(pred, label):
     """Per image ``[N, 4]`` int64: the label's centreline pixels, those of them inside ``pred``, the
     prediction's centreline pixels, and those of them inside ``label``.
 
-    ``pred`` and ``label`` are boolean ``[N, H, W]`` vessel masks; pixels where ``valid`` is False (outside
-    the field of view, padding) belong to neither before thinning.
+    ``pred`` and ``label`` are boolean ``[N, H, W]`` vessel masks, each already cleared outside the field
+    of view (and padding): what lies there must not shape the centreline.
     """
-    if valid is not None:
-        pred, label = pred & valid, label & valid
     label_line, pred_line = skeletonize(label), skeletonize(pred)
     return torch.stack([label_line.sum((-2, -1)), (label_line & pred).sum((-2, -1)),
                         pred_line.sum((-2, -1)), (pred_line & label).sum((-2, -1))], dim=-1)
