@@ -141,6 +141,11 @@ def agreement(rows, labels, feature):
     return len(x), y.mean(), x.mean(), icc_a1(x, y), diff / y.mean(), sd / y.mean()
 
 
+def rater_cell(mean, icc, diff, sd):
+    """A rater's mean, ICC(A,1) and difference from the first expert (% of its mean, +- SD), as a table cell."""
+    return f"{mean:.4g}, {icc:.3f}, {100 * diff:+.1f} +- {100 * sd:.1f}"
+
+
 def agreement_rows(groups):
     """Markdown rows: feature, dataset, n, label mean, then for the model and for the second expert (where
     there is one) the mean, ICC(A,1) and the mean difference from the label in % of its mean (+- SD)."""
@@ -150,15 +155,12 @@ def agreement_rows(groups):
     for feature in FEATURES:
         for group, items in groups.items():
             n, y, x, icc, diff, sd = agreement([m.predicted for m in items], [m.label for m in items], feature)
-            cells = [f"{n}", f"{y:.4g}", f"{x:.4g}, {icc:.3f}, {100 * diff:+.1f} +- {100 * sd:.1f}"]
             seconds = [m for m in items if m.second is not None]
+            second = ""
             if seconds:
-                n2, _, x2, icc2, diff2, sd2 = agreement([m.second for m in seconds], [m.label for m in seconds],
-                                                        feature)
-                cells.append(f"{n2}, {x2:.4g}, {icc2:.3f}, {100 * diff2:+.1f} +- {100 * sd2:.1f}")
-            else:
-                cells.append("")
-            lines.append(f"| {feature} | {group} | " + " | ".join(cells) + " |")
+                n2, _, *rest = agreement([m.second for m in seconds], [m.label for m in seconds], feature)
+                second = f"{n2}, {rater_cell(*rest)}"
+            lines.append(f"| {feature} | {group} | {n} | {y:.4g} | {rater_cell(x, icc, diff, sd)} | {second} |")
     return lines
 
 

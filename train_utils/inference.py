@@ -245,7 +245,7 @@ def predicted_classes(probs, threshold=None):
     return torch.where(background < 1 - threshold, foreground, 0).to(torch.uint8)
 
 
-def check_threshold(threshold, flag="--threshold"):
-    """A decision threshold must lie strictly between 0 and 1 (None: the more likely class)."""
+def check_threshold(threshold):
+    """``--threshold`` must lie strictly between 0 and 1 (None: the more likely class)."""
     if threshold is not None and not 0 < threshold < 1:
-        raise UserError(f"{flag} must be between 0 and 1 (got {threshold:g})")
+        raise UserError(f"--threshold must be between 0 and 1 (got {threshold:g})")

@@ -11,7 +11,7 @@ Communications of the ACM 27(3). A pixel P1 with neighbours P2..P9 (north, then 
     second sub-iteration: P2 * P4 * P8 == 0 and P2 * P6 * P8 == 0
 
 each sub-iteration deciding every pixel from the same image, alternately until nothing changes. The
-conditions are tabulated once for the 256 neighbourhoods, so one sub-iteration is eight shifted adds and a
+conditions are tabulated once for the 256 neighbourhoods, so one sub-iteration is eight shifted ORs and a
 table lookup over the whole batch.
 """
 import torch
@@ -63,7 +63,7 @@ def skeletonize(mask, check_every=4):
     Convergence is checked every ``check_every`` rounds (one host sync each); rounds after convergence
     change nothing, so the result does not depend on it.
     """
-    x = mask.bool().clone()
+    x = mask.bool()  # never changed in place: each round makes a new tensor
     if x.numel() == 0:
         return x
     tables = _tables(x.device)
