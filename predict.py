@@ -7,6 +7,7 @@
     python predict.py --img photo.jpg --tta        # FOV estimated from the dark border
     python predict.py --img big_3500x2300.png --tile-size 512 --tile-overlap 64 --device cpu
     python predict.py --img DRIVE/test/images --roi-mask DRIVE/test/mask --output-dir out --measure --fov-angle 45
+    python predict.py --av --img photo.jpg --output-dir out --overlay    # arteries red, veins blue
 
 Without ``--weights`` it uses ``save_weights/best_model.pth``, else
 ``save_weights/demo/best_model.pth`` (what ``train.py --demo`` writes), so the
@@ -21,6 +22,10 @@ decision threshold (``--threshold``, or the model's own), a vessel where
 its probability exceeds it; ``--save-prob`` adds
 ``<stem>_prob.png``, the foreground probability 1 - P(background) as 0..255;
 ``--overlay`` adds ``<stem>_overlay.png``, the vessels drawn over the photograph.
+``--av`` runs an artery/vein model (by default the shipped ``weights/unet_av.pth``) and adds
+``<stem>_av.png``, each pixel's class (0 background, 1 artery, 2 vein) as a palette PNG, red arteries and blue
+veins in the overlay, their probabilities with ``--save-prob`` and their measurements with ``--measure``
+(docs/arteries_veins.md).
 ``--measure`` adds the measurements of every mask (docs/measurements.md) to
 ``measurements.csv`` beside them, one row per photograph, as ``measure.py``
 measures masks that exist; with ``--overlay`` the measured skeleton, its
@@ -33,18 +38,16 @@ the photograph's dark border.
 The model, its class count, its normalisation and its FOV scale
 (``--fov-diameter``) come from the checkpoint.
 ``--weights model.onnx`` (written by ``export.py``) runs the exported model with
-onnxruntime on the CPU instead, with the same outputs.
+onnxruntime on the CPU instead, with the same outputs. The steps are
+``train_utils/prediction.py``'s, which app.py and the benchmarks share.
 Images larger than ``--tile-size`` are predicted in overlapping tiles blended
 with a smooth window, so memory stays bounded whatever the image size.
 """
-import argparse
 import os
 import time
-import traceback
-from typing import NamedTuple, Optional
 
 from train_utils.allocator import use_fast_allocator
-from train_utils.cli import MEASUREMENTS_CSV, predict_parser as get_args_parser, weights_or_default
+from train_utils.cli import predict_parser as get_args_parser, weights_or_default
 
 # First, before torch loads: --help and mistyped flags are answered at once (train_utils/cli.py imports no
 # torch); then the script runs again with a fast allocator (train_utils/allocator.py).
@@ -52,393 +55,14 @@ if __name__ == "__main__":
     cli_args = get_args_parser(doc=__doc__).parse_args()
     use_fast_allocator()
 
-import numpy as np
-import torch
-from PIL import Image
-
 import src
 
 from train_utils import distributed_utils as dist_utils
-from train_utils.checkpoint import model_from_checkpoint, normalisation
-from train_utils.cohort import (FAILURE_COLUMNS, FAILURES_CSV, Behind, Progress, RowLog, RunRecord, attempt,
-                                failure_reason, file_digest, is_done, read_ahead, say, share)
-from train_utils.errors import UserError, run_cli
-from train_utils.files import DiskFullError, atomic_write, nearest_existing
-from train_utils.imaging import (IMAGE_EXTS, check_min_size, files_by_stem, find_mask, fov_scale, list_inputs,
-                                 palette_image, photo_fov, read_photograph, stem_of)
-from train_utils.inference import (check_threshold, inference_model, predict_probabilities, predicted_classes,
-                                   probabilities_at)
-from train_utils.precision import autocast_dtype
-from train_utils.transforms import rescale
-
-OVERLAY_ALPHA = 0.6
-# Class colours for overlays and palette masks: background black, then green (vessels), red, blue, ...
-CLASS_COLOURS = [(0, 0, 0), (0, 255, 0), (255, 0, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
-                 (255, 128, 0), (128, 0, 255), (0, 128, 255), (255, 255, 255)]
-
-
-def check_args(args):
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
-    if args.workers is not None and args.workers < 0:
-        raise UserError(f"--workers must be at least 0 (got {args.workers})")
-    if not args.measure and (args.pixel_size is not None or args.fov_angle is not None):
-        raise UserError("--pixel-size and --fov-angle set the units of the measurements: add --measure")
-    if args.tile_size < 0 or args.tile_overlap < 0:
-        raise UserError("--tile-size and --tile-overlap must be >= 0")
-    if args.tile_size and args.tile_overlap >= args.tile_size:
-        raise UserError(f"--tile-overlap ({args.tile_overlap}) must be smaller than --tile-size ({args.tile_size})")
-    check_threshold(args.threshold)
-
-
-# ---------------------------------------------------------------------------
-# inputs and outputs
-
-
-def output_paths(args, inputs, mask_files):
-    """For each input, its (mask, prob, overlay) output paths; refuses names that clash or hit an input.
-
-    ``--output`` names one image's mask file, or, as in earlier versions, a folder (an existing folder or a
-    name without an image suffix), which then replaces ``--output-dir``.
-    """
-    out = args.output or args.output_dir
-    file_mode = args.output is not None and not os.path.isdir(out) and out.lower().endswith(IMAGE_EXTS)
-    if file_mode and not out.lower().endswith(".png"):
-        raise UserError(f"--output '{out}': masks are written as PNG; give a .png file name, or a folder with "
-                        "--output-dir")
-    if file_mode and len(inputs) > 1:
-        raise UserError(f"--output '{out}' is a file name but '{args.img}' holds {len(inputs)} images; "
-                        "give a folder with --output-dir")
-    blocker = nearest_existing(os.path.dirname(os.path.abspath(out)) if file_mode else out)
-    if not os.path.isdir(blocker):
-        raise UserError(f"{'--output' if args.output else '--output-dir'} '{out}': '{blocker}' is a file, not a "
-                        "folder; name a folder (or, for one image, a .png file)")
-    plans = []
-    for path in inputs:
-        base = os.path.splitext(out)[0] if file_mode else os.path.join(out, stem_of(path))
-        plans.append((base + ".png" if not file_mode else out, base + "_prob.png", base + "_overlay.png"))
-    written = [p for plan in plans for p, on in zip(plan, (True, args.save_prob, args.overlay)) if on]
-    real = [os.path.realpath(p) for p in written]
-    if len(set(real)) != len(real):
-        dup = next(p for p, r in zip(written, real) if real.count(r) > 1)
-        raise UserError(f"two inputs would write the same output '{dup}' (images with the same name stem?)")
-    protected = {os.path.realpath(p) for p in inputs}
-    protected |= {os.path.realpath(m) for m in mask_files if m}
-    for p, r in zip(written, real):
-        if r in protected:
-            raise UserError(f"output '{p}' would overwrite an input file; choose another --output-dir or --output")
-    return plans
-
-
-
-def measurements_table(args, plans, inputs, rank=None):
-    """With ``--measure``: the ``measurements.csv`` beside the masks (``MeasurementsFile``), checked before any
-    work (the optional packages installed, an existing file's columns), and the skeleton library warmed up."""
-    if not args.measure:
-        return None
-    from train_utils.measurements import MeasurementsFile, check_available, check_flags, warm_up
-    check_flags(args.pixel_size, args.fov_angle, args.measure_diameter)
-    check_available()
-    path = os.path.join(os.path.dirname(plans[0][0]), MEASUREMENTS_CSV)
-    if os.path.realpath(path) in {os.path.realpath(p) for p in inputs}:
-        raise UserError(f"output '{path}' would overwrite an input file; choose another --output-dir")
-    table = MeasurementsFile(path, rank)
-    warm_up()
-    return table
-
-
-def colour_overlay(image, classes, rows=512):
-    """The photograph with every foreground class blended in its colour (computed in strips of ``rows``, so a
-    large photograph never has a float copy)."""
-    out = np.empty_like(image)
-    colours = np.array([CLASS_COLOURS[c] if c < len(CLASS_COLOURS) else (255, 255, 255)
-                        for c in range(int(classes.max()) + 1)], dtype=np.float32)
-    for r in range(0, image.shape[0], rows):
-        strip, cls = image[r:r + rows].astype(np.float32), classes[r:r + rows]
-        for c in range(1, len(colours)):
-            sel = cls == c
-            strip[sel] = (1 - OVERLAY_ALPHA) * strip[sel] + OVERLAY_ALPHA * colours[c]
-        out[r:r + rows] = np.rint(strip).clip(0, 255).astype(np.uint8)
-    return out
-
-
-@torch.inference_mode()  # the probabilities are inference tensors, changed in place
-def save_outputs(probs, image, fov, plan, args, table=None, name=""):
-    """Write the mask (and prob / overlay) of one image from its class probabilities [C, H, W], which it may
-    overwrite: a large photograph's outputs are made without a second full-size float copy. With a ``table``
-    (``--measure``), measure the vessel class (1) into its row ``name``, drawn on the overlay. Returns the
-    seconds the measuring took (0 without)."""
-    mask_path, prob_path, overlay_path = plan
-    folder = os.path.dirname(mask_path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    fov_t = torch.from_numpy(fov).to(probs.device)
-    num_classes = probs.shape[0]
-    classes = predicted_classes(probs, args.threshold).masked_fill_(~fov_t, 0).cpu().numpy()
-    if num_classes <= 2:
-        save_png(Image.fromarray(classes * np.uint8(255)), mask_path)
-    else:
-        save_png(palette_image(classes, CLASS_COLOURS), mask_path)
-    if args.save_prob:
-        fg = probs[0].neg_().add_(1).masked_fill_(~fov_t, 0).clamp_(0, 1)  # 1 - P(background)
-        save_png(Image.fromarray(fg.mul_(255).round_().to(torch.uint8).cpu().numpy()), prob_path)
-    measured, seconds = None, 0.0
-    if table is not None:
-        from train_utils.measurements import measure
-        t0 = time.perf_counter()
-        measured = measure(classes == 1, fov, name, args.pixel_size, args.fov_angle, args.measure_diameter)
-        seconds = time.perf_counter() - t0
-    if args.overlay:
-        overlay = colour_overlay(image, classes)
-        if measured is not None:
-            from train_utils.measurements import draw_measurement
-            overlay = draw_measurement(overlay, measured)
-        save_png(Image.fromarray(overlay), overlay_path)
-    if measured is not None:
-        table.add(measured.row)  # last: a row means every output of the photograph is written
-    return seconds
-
-
-def save_png(image, path):
-    """``image`` as the PNG ``path``, whole or not at all (a full disk is one error line)."""
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
-# ---------------------------------------------------------------------------
-# model
-
-
-def load_model(weights, device, channels_last=True):
-    """The model of a train.py checkpoint, ready for inference, the checkpoint's ``args`` dict and model kwargs."""
-    model, ckpt, kwargs = model_from_checkpoint(weights, "predict.py reads RGB photographs")
-    return inference_model(model.to(device), channels_last), ckpt.get("args", {}), kwargs
-
-
-class Network(NamedTuple):
-    """A loaded model and what running it takes: the checkpoint's ``args`` (or the export's metadata), its
-    ``build_model`` kwargs, the device, the normalisation, the autocast dtype, the size multiple, the FOV
-    scale it was trained at (0: none) and its decision threshold (None: the more likely class)."""
-    model: object
-    saved: dict
-    kwargs: dict
-    device: torch.device
-    mean: list
-    std: list
-    amp_dtype: object
-    multiple: int
-    fov_diameter: float
-    fov_diameter_max: float = 0
-    threshold: Optional[float] = None
-
-
-def open_network(weights, device, args):
-    """The ``Network`` of a checkpoint, or of an ``.onnx`` model (onnxruntime on the CPU, whatever ``device``),
-    with ``args``' --device, --amp, --amp-dtype and --channels-last."""
-    if weights.lower().endswith(".onnx"):  # exported by export.py: no PyTorch model
-        from train_utils.onnx_runtime import load_onnx_model
-        model, saved, kwargs, device = load_onnx_model(weights, args.device, args.amp)
-    else:
-        model, saved, kwargs = load_model(weights, device, args.channels_last)
-    mean, std = normalisation(saved)
-    return Network(model, saved, kwargs, device, mean, std, autocast_dtype(device, args.amp, args.amp_dtype),
-                   src.model_spec(kwargs["model"]).size_multiple, saved.get("fov_diameter") or 0,
-                   saved.get("fov_diameter_max") or 0, saved.get("vessel_threshold"))
-
-
-def run_network(net, works, args):
-    """(class probabilities ``[N, C, h, w]`` at the working scale, tiles per image) of the photographs' network
-    inputs ``works`` (``Photo.work``, all of one size), as ``args`` (--tile-size, --tta, ...) asks."""
-    batch = works[0][None] if len(works) == 1 else torch.stack(works)
-    probs, tiles = predict_probabilities(net.model, batch, mean=net.mean, std=net.std, tile_size=args.tile_size,
-                                         tile_overlap=args.tile_overlap, batch_size=args.batch_size,
-                                         multiple=net.multiple, amp_dtype=net.amp_dtype, tta=args.tta,
-                                         channels_last=args.channels_last)
-    if net.device.type == "cuda":
-        torch.cuda.synchronize(net.device)
-    return probs, tiles
-
-
-@torch.inference_mode()
-def predict_photo(net, photo, args):
-    """One photograph in memory: (its class probabilities ``[C, H, W]`` at its own size, tiles), what
-    ``save_outputs`` takes; the folder run of ``main`` computes the same, a batch at a time."""
-    probs, tiles = run_network(net, [photo.work], args)
-    return at_photo_size(probs[0], photo), tiles
-
-
-def at_photo_size(probs, photo):
-    """Class probabilities ``[C, h, w]`` from the model's working scale back at the photograph's own size."""
-    return probabilities_at(probs[None], photo.image.shape[:2])[0]
-
-
-class Photo(NamedTuple):
-    """A photograph read for the network: as displayed, its FOV, the note for its line, the network's input
-    (uint8 ``[3, h, w]``, at the model's working scale) and the seconds reading it took."""
-    image: np.ndarray
-    fov: np.ndarray
-    note: str
-    work: torch.Tensor
-    seconds: float
-
-
-def read_photo(path, mask_file, fov_diameter, multiple, model_name, fov_diameter_max=0):
-    """The ``Photo`` of one input. A model trained with ``--fov-diameter`` sees the photograph resized so that
-    its FOV is that many pixels across, as in training; with ``--fov-diameter-max`` too, a photograph between
-    the two keeps its own scale (``imaging.working_diameter``)."""
-    t0 = time.perf_counter()
-    image = read_photograph(path)
-    check_min_size([path], multiple, model_name, [image.shape[1::-1]])
-    fov, note = photo_fov(image, mask_file, path)
-    work = torch.from_numpy(image).permute(2, 0, 1)
-    if fov_diameter:
-        work, _ = rescale(work, fov_scale(fov, fov_diameter, fov_diameter_max))
-        if min(work.shape[1:]) < multiple:
-            raise UserError(f"'{path}' brought to the model's scale (an FOV {fov_diameter:g} pixels across) is "
-                            f"{work.shape[2]}x{work.shape[1]} pixels, smaller than the {multiple}x{multiple} the "
-                            f"{model_name} model needs")
-    return Photo(image, fov, note, work, time.perf_counter() - t0)
-
-
-def groups(loaded, batch_size):
-    """Runs of at most ``batch_size`` consecutive photographs with the same working size, as lists of
-    ``(index, photo)``; a failed read comes alone, as ``[(index, exception)]``."""
-    group = []
-    for i, photo in loaded:
-        if isinstance(photo, Exception) or (group and (len(group) == batch_size
-                                                       or photo.work.shape != group[0][1].work.shape)):
-            if group:
-                yield group
-            group = []
-            if isinstance(photo, Exception):
-                yield [(i, photo)]
-                continue
-        group.append((i, photo))
-    if group:
-        yield group
-
-
-def tell(line):
-    """A line about the whole run: from the first process only."""
-    if dist_utils.is_main_process():
-        print(line, flush=True)
-
-
-def start_processes(device):
-    """(process info, torch device): under torchrun each process takes its share of a folder, on its GPU or,
-    on the CPU, with gloo; otherwise one process."""
-    proc = argparse.Namespace(device=device, dist_url="env://", dist_timeout=30)
-    # Every process keeps the real print (numba, under skan's --measure, cannot compile a call to a replaced
-    # one): what concerns the whole run is said by the first process alone (``tell``).
-    dist_utils.init_distributed_mode(proc, silence_others=False)
-    return proc, dist_utils.resolve_device(device, local_rank=proc.gpu, distributed=proc.distributed)
-
-
-class PhotoRun:
-    """One run over the photographs of ``--img``: which are left to do, each one's outputs, row and line when it
-    is done or fails, and the summary. A folder's bad photograph is a failure of its own (a line, a row of
-    failures.csv, the exit code at the end); a single photograph's failure stops the run with its one line."""
-
-    def __init__(self, args, inputs, plans, folder, proc, table):
-        self.args, self.inputs, self.plans, self.folder, self.proc, self.table = args, inputs, plans, folder, proc, table
-        out_dir = os.path.dirname(plans[0][0]) or "."
-        self.failures = RowLog(os.path.join(out_dir, FAILURES_CSV), FAILURE_COLUMNS,
-                               rank=proc.rank if proc.distributed else None)
-        self.who = f"rank {proc.rank}: " if proc.distributed else ""  # every process says what it did
-        self.failed = []
-        self.progress = None
-
-    def todo(self, settings):
-        """This process's photographs that need work. A folder run resumes: what the same command already wrote
-        is done (outputs are written whole, so they exist only when complete), unless the folder's outputs came
-        from another model or other ``settings``. The failures of a run are tried again."""
-        proc = self.proc
-        record = RunRecord(os.path.dirname(self.failures.path), settings)
-        resume = self.folder and record.matches()
-        if proc.distributed:
-            torch.distributed.barrier()  # every process has read the record before it is written anew
-        if self.folder and dist_utils.is_main_process():
-            self.failures.reset()
-            if not resume and record.exists():
-                print(f"'{record.path}' names another model or other settings: every photograph is predicted again")
-            record.write()
-        if proc.distributed:
-            torch.distributed.barrier()
-        mine = share(list(range(len(self.inputs))), proc.rank, proc.world_size)
-        logs = [self.table.done] if self.table else []
-        todo = [i for i in mine if not (resume and is_done(self.outputs(i), stem_of(self.inputs[i]), logs))]
-        if len(todo) < len(mine):
-            say(f"{self.who}{len(mine) - len(todo)} of the {len(mine)} photographs are done already (their "
-                f"outputs exist): {len(todo)} to go")
-        self.progress = Progress(len(todo))
-        return todo
-
-    def outputs(self, i):
-        return [p for p, on in zip(self.plans[i], (True, self.args.save_prob, self.args.overlay)) if on]
-
-    def fail(self, i, error):
-        if not self.folder or isinstance(error, DiskFullError):  # a full disk fails every photograph after it too
-            raise error
-        if self.args.debug and not isinstance(error, UserError):
-            traceback.print_exception(error)
-        reason = failure_reason(error)
-        self.failures.append({"image": os.path.basename(self.inputs[i]), "error": reason})
-        self.failed.append(i)
-        say(f"{self.who}failed: {self.inputs[i]}: {reason}  {self.progress.step()}", err=True)
-
-    def finish(self, i, photo, probs, tiles, seconds):
-        t0 = time.perf_counter()
-        try:
-            measuring = save_outputs(at_photo_size(probs, photo), photo.image, photo.fov, self.plans[i], self.args,
-                                     self.table,
-                                     stem_of(self.inputs[i]))
-        except Exception as e:  # noqa: BLE001 - recorded for that photograph; the run goes on
-            return self.fail(i, e)
-        h, w = photo.image.shape[:2]
-        say(f"{self.who}{self.inputs[i]}: {w}x{h}" + (f", {tiles} tiles" if tiles > 1 else "") + photo.note
-            + f" -> {self.plans[i][0]}  {seconds + time.perf_counter() - t0:.2f} s"
-            + (f" (measured in {measuring:.2f} s)" if self.table else "") + f"  {self.progress.step()}")
-
-    def summary(self, todo, seconds):
-        """The counts over every process, their rows in one file each, and a non-zero exit for failures."""
-        done, bad = len(todo) - len(self.failed), len(self.failed)
-        if self.proc.distributed:
-            counts = torch.tensor([done, bad], device=dist_utils.collective_device())
-            torch.distributed.all_reduce(counts)  # every process is done appending before the rows are merged
-            done, bad = counts.tolist()
-        if dist_utils.is_main_process():  # the processes' rows, and a photograph measured again, in one file
-            self.failures.merge()
-            if self.table is not None:
-                self.table.merge()
-        if self.proc.distributed:
-            torch.distributed.barrier()  # torchrun stops the others when one exits: not before the files are whole
-        tell(f"predicted {done} image{'s' * (done != 1)} in {seconds:.1f} s" + (f"; {bad} failed" if bad else ""))
-        if self.table is not None:
-            n = len(self.inputs) - bad
-            tell(f"measurements of {n} image{'s' * (n != 1)}: {self.table.path}")
-        if bad:
-            raise UserError(f"{bad} of {len(self.inputs)} photographs failed: see '{self.failures.path}' (a row "
-                            "each; the same command run again tries them again and skips what is done)")
-
-
-def predict_all(net, run, todo, read, args):
-    """The network over ``todo``: a whole image per forward when it fits in one tile (then --batch-size counts
-    images), else tiles. The next photographs are read, and the last one written, while the network runs."""
-    with Behind(args.workers) as behind:
-        for group in groups(read_ahead(todo, read, args.workers), args.batch_size):
-            if isinstance(group[0][1], Exception):
-                behind.submit(run.fail, *group[0])
-                continue
-            t0 = time.perf_counter()
-            try:
-                probs, tiles = run_network(net, [photo.work for _, photo in group], args)
-            except Exception as e:  # noqa: BLE001 - recorded for these photographs; the run goes on
-                for i, _ in group:
-                    behind.submit(run.fail, i, e)
-                continue
-            shared = (time.perf_counter() - t0) / len(group)  # the network's time, shared by the batch
-            for k, (i, photo) in enumerate(group):
-                behind.submit(run.finish, i, photo, probs[k], tiles, photo.seconds + shared)
-            del probs
+from train_utils.cohort import attempt, file_digest
+from train_utils.errors import run_cli
+from train_utils.imaging import files_by_stem, find_mask, list_inputs
+from train_utils.prediction import (PhotoRun, check_args, check_model, measurements_table, open_network,
+                                    output_paths, predict_all, read_photo, start_processes, tell)
 
 
 def main(args):
@@ -452,11 +76,12 @@ def main(args):
         raise mask_files[0]
     plans = output_paths(args, inputs, [m for m in mask_files if not isinstance(m, Exception)])
     # 2. The processes (torchrun shares a folder) and the model
-    weights = weights_or_default(args.weights)
+    weights = weights_or_default(args.weights, av=args.av)
     proc, device = start_processes("cpu" if weights.lower().endswith(".onnx") else args.device)
     try:
         table = measurements_table(args, plans, inputs, rank=proc.rank if proc.distributed else None)
         net = open_network(weights, device, args)
+        check_model(net, args)
         if args.tta is None:  # a recipe that validated with flip averaging is meant to be used with it
             args.tta = bool(net.saved.get("eval_tta", False))
         if args.threshold is None:  # the threshold the model was shipped with, if any
@@ -472,7 +97,8 @@ def main(args):
         todo = run.todo(dict(weights=file_digest(weights), tta=args.tta, threshold=args.threshold,
                              amp=net.amp_dtype and str(net.amp_dtype), tile_size=args.tile_size,
                              tile_overlap=args.tile_overlap, roi_mask=args.roi_mask,
-                             measure=args.measure and [args.pixel_size, args.fov_angle, args.measure_diameter]))
+                             measure=args.measure and [args.pixel_size, args.fov_angle, args.measure_diameter],
+                             **({"av": True} if args.av else {})))
         start = time.perf_counter()
         predict_all(net, run, todo, lambda i: read_photo(inputs[i], mask_files[i], net.fov_diameter, net.multiple,
                                                           net.kwargs["model"], net.fov_diameter_max), args)

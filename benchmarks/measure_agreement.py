@@ -44,10 +44,10 @@ sys.path.insert(0, HERE)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import predict  # noqa: E402
+from train_utils import prediction  # noqa: E402
 from held_out import held_out_samples  # noqa: E402
 from my_dataset import DATASETS  # noqa: E402
-from train_utils.cli import weights_or_default  # noqa: E402
+from train_utils.cli import predict_parser, weights_or_default  # noqa: E402
 from train_utils.distributed_utils import resolve_device  # noqa: E402
 from train_utils.errors import UserError, run_cli  # noqa: E402
 from train_utils.imaging import read_label, stem_of  # noqa: E402
@@ -66,7 +66,8 @@ SECOND_OBSERVER = {
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=None)
-    parser.add_argument("--dataset", nargs="+", default=["drive"], choices=[d for d in DATASETS if d != "folder"])
+    parser.add_argument("--dataset", nargs="+", default=["drive"],
+                        choices=[d for d in DATASETS if d != "folder" and not DATASETS[d].av])
     parser.add_argument("--data-path", nargs="+", required=True, help="one per --dataset, as train.py reads it")
     parser.add_argument("--images", nargs="+", default=None, metavar="STEM",
                         help="measure only these photographs (stems); default: those the shipped model was not "
@@ -81,9 +82,9 @@ def get_args_parser():
 
 def predicted_mask(net, sample, opts):
     """(the photograph, its FOV, the mask predict.py writes for it: the vessel class inside the FOV, bool)."""
-    photo = predict.read_photo(sample.image, sample.mask, net.fov_diameter, net.multiple, net.kwargs["model"],
+    photo = prediction.read_photo(sample.image, sample.mask, net.fov_diameter, net.multiple, net.kwargs["model"],
                                net.fov_diameter_max)
-    probs, _ = predict.predict_photo(net, photo, opts)
+    probs, _ = prediction.predict_photo(net, photo, opts)
     return photo.image, photo.fov, (predicted_classes(probs, opts.threshold) == 1).cpu().numpy() & photo.fov
 
 
@@ -189,8 +190,8 @@ def main(args):
         raise UserError(f"{len(args.dataset)} --dataset but {len(args.data_path)} --data-path: give one each")
     weights = weights_or_default(args.weights)
     device = resolve_device(args.device)
-    opts = predict.get_args_parser().parse_args(["--img", "-"])  # predict.py's defaults (tiles, batch)
-    net = predict.open_network(weights, device, opts)
+    opts = predict_parser().parse_args(["--img", "-"])  # predict.py's defaults (tiles, batch)
+    net = prediction.open_network(weights, device, opts)
     opts.tta = bool(net.saved.get("eval_tta", False))
     opts.threshold = net.threshold if args.threshold is None else args.threshold
     groups = {}

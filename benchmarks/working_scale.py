@@ -18,7 +18,8 @@ weights, scale and noise; each way back reuses its output.
 ``--noise`` adds Gaussian noise of each standard deviation (in the
 photograph's 0-255 levels, seeded, every pixel and channel) to the
 photograph before it is brought to the working scale: a camera noisier than
-the training ones. Scores are the vessel class's dice, sensitivity, specificity, centreline
+the training ones. Scores are the vessels' (every class but the background, so an artery/vein model's
+arteries and veins together) dice, sensitivity, specificity, centreline
 recall and clDice (docs/metrics.md) inside the FOV, per photograph, then
 averaged per dataset (HRF also per category: h healthy, g glaucoma, dr
 diabetic retinopathy), with the worst photograph's dice.
@@ -38,10 +39,10 @@ sys.path.insert(0, HERE)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import predict  # noqa: E402
+from train_utils import prediction  # noqa: E402
 from held_out import held_out_samples  # noqa: E402
 from my_dataset import DATASETS  # noqa: E402
-from train_utils.cli import weights_or_default  # noqa: E402
+from train_utils.cli import predict_parser, weights_or_default  # noqa: E402
 from train_utils.distributed_utils import resolve_device  # noqa: E402
 from train_utils.errors import UserError, run_cli  # noqa: E402
 from train_utils.imaging import fov_scale, read_label, stem_of  # noqa: E402
@@ -52,7 +53,8 @@ from train_utils.transforms import rescale  # noqa: E402
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", nargs="+", default=["drive"], choices=[d for d in DATASETS if d != "folder"])
+    parser.add_argument("--dataset", nargs="+", default=["drive"],
+                        choices=[d for d in DATASETS if d != "folder" and not DATASETS[d].av])
     parser.add_argument("--data-path", nargs="+", required=True, help="one per --dataset, as train.py reads it")
     parser.add_argument("--weights", nargs="+", default=[None], help="checkpoints to compare (default: the "
                         "shipped model)")
@@ -99,30 +101,30 @@ def main(args):
     if len(args.data_path) != len(args.dataset):
         raise UserError(f"{len(args.dataset)} --dataset but {len(args.data_path)} --data-path: give one each")
     device = resolve_device(args.device)
-    opts = predict.get_args_parser().parse_args(["--img", "-"])  # predict.py's defaults (tiles, batch)
+    opts = predict_parser().parse_args(["--img", "-"])  # predict.py's defaults (tiles, batch)
     samples = [(name, s) for name, root in zip(args.dataset, args.data_path)
                for s in held_out_samples(name, root, args.images)]
     table = defaultdict(list)  # (weights, max, space, group) -> [(dice, se, sp, cl_recall, cldice, stem)]
     start = time.perf_counter()
     for weights in args.weights:
         weights = weights_or_default(weights)
-        net = predict.open_network(weights, device, opts)
+        net = prediction.open_network(weights, device, opts)
         opts.tta = bool(net.saved.get("eval_tta", False))
         for high in args.fov_diameter_max:
             high = net.fov_diameter_max if high == "model" else float(high)
             for name, sample in samples:
                 stem = stem_of(sample.image)
-                photo = predict.read_photo(sample.image, sample.mask, net.fov_diameter, net.multiple,
+                photo = prediction.read_photo(sample.image, sample.mask, net.fov_diameter, net.multiple,
                                            net.kwargs["model"], high)
                 label = read_label(sample.label, sample.image, photo.image.shape[:2]) == 1
                 for sd in args.noise:
                     work = photo.work if not sd else rescale(
                         with_noise(photo.image, sd), fov_scale(photo.fov, net.fov_diameter, high))[0]
                     with torch.inference_mode():
-                        out, _ = predict.run_network(net, [work], opts)
+                        out, _ = prediction.run_network(net, [work], opts)
                     for space in args.space:
                         probs = probabilities_at(out, photo.image.shape[:2], space)[0]
-                        row = scores((predicted_classes(probs, net.threshold) == 1).cpu().numpy(), label, photo.fov)
+                        row = scores((predicted_classes(probs, net.threshold) != 0).cpu().numpy(), label, photo.fov)
                         key = (os.path.basename(weights), f"{high:g}", space, f"{sd:g}")
                         for group in groups_of(name, stem):
                             table[key + (group,)].append(row + (stem,))

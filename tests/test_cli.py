@@ -13,7 +13,7 @@ import predict
 import train
 from tests.conftest import ROOT, TINY_TRAIN
 from tests.test_predict import spread_unet, write_checkpoint
-from train_utils import cli
+from train_utils import cli, prediction
 from train_utils.errors import UserError
 from train_utils.synthetic import write_synthetic_drive
 
@@ -91,7 +91,7 @@ def test_an_unknown_dataset_is_one_error_line_naming_the_choices():
     r, imported = run_timed_imports(["train.py"], "--dataset", "nosuch")
     assert r.returncode == 2 and "torch" not in imported
     assert r.stderr.splitlines()[-1] == ("train.py: error: argument --dataset: invalid choice: 'nosuch' (choose "
-                                         "from 'drive', 'chase_db1', 'stare', 'hrf', 'folder')")
+                                         "from 'drive', 'chase_db1', 'stare', 'hrf', 'folder', 'drive_av', 'hrf_av')")
 
 
 def test_the_parsers_dataset_names_are_the_registry():
@@ -217,13 +217,13 @@ def test_predict_output_dir_output_file_and_the_older_output_folder(quick_start)
 def test_predict_amp_dtype_reaches_the_model(quick_start, monkeypatch):
     import torch
     seen = []
-    real = predict.predict_probabilities
+    real = prediction.predict_probabilities
 
     def spy(*args, **kwargs):
         seen.append(kwargs["amp_dtype"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(predict, "predict_probabilities", spy)
+    monkeypatch.setattr(prediction, "predict_probabilities", spy)
     image = "data/synthetic/DRIVE/test/images/01_test.tif"
     for flags in ([], ["--amp"], ["--amp", "--amp-dtype", "float16"], ["--no-amp", "--amp-dtype", "float16"]):
         predict_as_typed("--img", image, "--device", "cpu", *flags)

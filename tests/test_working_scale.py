@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import predict
+from train_utils import prediction
 from my_dataset import Sample, VesselDataset
 from train_utils.imaging import fov_diameter, fov_scale, working_diameter
 from train_utils.transforms import draw_short_side
@@ -91,17 +91,17 @@ def settings(tmp_path):
 @pytest.mark.parametrize("diameter,width", [(500, 3), (900, 4), (1600, 5), (3000, 9), (3000, 4)])
 def test_a_vessel_keeps_its_width_in_the_written_mask(tmp_path, diameter, width):
     photo_path, mask_path, left = vessel_photo(tmp_path, diameter, width)
-    net = predict.Network(DarkerIsVessel(level=(60 + 160) / 2 / 255), {}, {"model": "unet"}, torch.device("cpu"),
+    net = prediction.Network(DarkerIsVessel(level=(60 + 160) / 2 / 255), {}, {"model": "unet"}, torch.device("cpu"),
                           [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], None, 16, LOW, HIGH)
-    photo = predict.read_photo(str(photo_path), str(mask_path), net.fov_diameter, net.multiple, "unet",
+    photo = prediction.read_photo(str(photo_path), str(mask_path), net.fov_diameter, net.multiple, "unet",
                                net.fov_diameter_max)
     work_diameter = fov_diameter(photo.fov) * photo.work.shape[-1] / photo.image.shape[1]
     assert work_diameter == pytest.approx(min(max(diameter, LOW), HIGH), rel=0.01)
-    probs, _ = predict.predict_photo(net, photo, settings(tmp_path))
+    probs, _ = prediction.predict_photo(net, photo, settings(tmp_path))
     assert probs.shape[-2:] == photo.image.shape[:2]  # back at the photograph's own size
     assert torch.allclose(probs.sum(0), torch.ones(probs.shape[-2:]), atol=1e-5)  # still a distribution
     out = tmp_path / "mask.png"
-    predict.save_outputs(probs, photo.image, photo.fov, (str(out), "", ""), settings(tmp_path))
+    prediction.save_outputs(probs, photo.image, photo.fov, (str(out), "", ""), settings(tmp_path))
     mask = np.array(Image.open(out)) > 0
     size = mask.shape[0]
     # well inside the FOV, away from its dark border (which this stand-in also calls vessel)
@@ -118,12 +118,12 @@ def test_a_checkpoints_working_scale_reaches_predict(tmp_path):
     saved = torch.load(path, weights_only=True)
     saved["args"]["fov_diameter_max"] = 120
     torch.save(saved, path)
-    net = predict.open_network(path, torch.device("cpu"), argparse.Namespace(device="cpu", amp=False,
+    net = prediction.open_network(path, torch.device("cpu"), argparse.Namespace(device="cpu", amp=False,
                                                                              amp_dtype=None, channels_last=False))
     assert (net.fov_diameter, net.fov_diameter_max) == (60, 120)
     for diameter in (40, 100, 300):  # enlarged to 60, kept, reduced to 120
         photo_path, mask_path, _ = vessel_photo(tmp_path, diameter, 2)
-        photo = predict.read_photo(str(photo_path), str(mask_path), net.fov_diameter, net.multiple, "unet",
+        photo = prediction.read_photo(str(photo_path), str(mask_path), net.fov_diameter, net.multiple, "unet",
                                    net.fov_diameter_max)
         native = fov_diameter(photo.fov)
         assert photo.work.shape[-1] == round(photo.image.shape[1] * min(max(native, 60), 120) / native)
