@@ -52,7 +52,7 @@ TUTORIAL = dict(
     fov_diameter=0, fov_diameter_max=0, base_size=None, crop_size=None, scale_range=SCALE_RANGE, mean=None,
     std=None, workers=None,
     # model
-    model="unet", base_c=32, pretrained_backbone="", channels_last=None, compile=False,
+    model="unet", base_c=32, pretrained_backbone="", init_weights="", channels_last=None, compile=False,
     # optimisation
     device=None, batch_size=4, epochs=200, start_epoch=0, stop_epoch=None, lr=0.01, momentum=0.9,
     weight_decay=1e-4, opt="sgd", lr_schedule="poly", amp=False, amp_dtype=None, seed=None,
@@ -378,11 +378,13 @@ class Flag:
     (``TUTORIAL[dest]``): train.py's parser default means "not given" (resolve_settings decides).
     """
 
-    def __init__(self, group):
+    def __init__(self, group, title=""):
         self.group = group
+        self.title = title
+        self.actions = []  # the flags added, without the older spellings: what docs/training.md lists
 
     def __call__(self, *names, dest, help, aliases=(), **kw):
         shown = "" if kw.get("action") == "store_true" else default_text(kw.get("default", TUTORIAL.get(dest)))
-        self.group.add_argument(*names, dest=dest, help=help + shown, **kw)
+        self.actions.append(self.group.add_argument(*names, dest=dest, help=help + shown, **kw))
         for alias in aliases:
             self.group.add_argument(alias, dest=dest, help=argparse.SUPPRESS, **kw)
