@@ -15,6 +15,12 @@ Each dataset is read from the folder its archive unpacks to (``ROOT`` is what
     folder     ROOT/{training,test}/images/*, ROOT/{training,test}/labels/* and optionally .../masks/*,
                matched by file stem; any format Pillow reads, gzip-compressed (.gz) too
 
+Artery/vein datasets (their labels: class indices 0 background, 1 artery, 2 vein, 3 uncertain, or the
+colours red artery, blue vein, green crossing, white uncertain; uncertain vessels are ignored)::
+
+    drive_av   DRIVE's layout with ROOT/DRIVE/{training,test}/av/NN_{training,test}.png (RITE's labels)
+    hrf_av     HRF's layout with ROOT/av/NN_{h,dr,g}.png (any image format); 01-05 train, 06-15 test
+
 Without FOV masks the field of view is estimated from the photograph's dark
 border (``fov="estimate"``, as predict.py does) or every pixel counts (``fov="all"``).
 Adding a dataset takes a reader function and its entry in ``DATASETS``.
@@ -141,8 +147,9 @@ def stare_files(root, split):
     return labelled[:STARE_TRAIN_COUNT] if split == "training" else labelled[STARE_TRAIN_COUNT:]
 
 
-def hrf_files(root, split):
-    """HRF as its archive unpacks: images/, manual1/ and mask/ (healthy, diabetic retinopathy, glaucoma)."""
+def hrf_files(root, split, need_labels=True):
+    """HRF as its archive unpacks: images/, manual1/ and mask/ (healthy, diabetic retinopathy, glaucoma).
+    ``need_labels=False``: the vessel labels are not read (label None), as for ``hrf_av``."""
     img_dir = _require_dir(os.path.join(root, "images"), "HRF's photographs")
     pattern = re.compile(r"^(\d+)_(h|dr|g)\.jpe?g$", re.IGNORECASE)
     names = [n for n in list_files(img_dir) if pattern.match(n)]
@@ -150,14 +157,15 @@ def hrf_files(root, split):
         raise UserError(f"no HRF photographs (NN_h.jpg, NN_dr.jpg, NN_g.jpg) in '{img_dir}'")
     train = split == "training"
     label_dir, mask_dir = os.path.join(root, "manual1"), os.path.join(root, "mask")
-    labels, masks = files_by_stem(label_dir), files_by_stem(mask_dir)
+    labels, masks = files_by_stem(label_dir) if need_labels else {}, files_by_stem(mask_dir)
     files = []
     for name in names:
         number, kind = pattern.match(name).groups()
         if (int(number) <= HRF_TRAIN_LAST) != train:
             continue
         stem = f"{number}_{kind.lower()}"
-        label = _need(os.path.join(label_dir, labels.get(stem, [stem + ".tif"])[0]), "label", name)
+        label = _need(os.path.join(label_dir, labels.get(stem, [stem + ".tif"])[0]), "label", name) \
+            if need_labels else None
         mask = _need(os.path.join(mask_dir, masks.get(stem + "_mask", [stem + "_mask.tif"])[0]), "FOV mask", name)
         files.append(Sample(os.path.join(img_dir, name), label, mask))
     return files
@@ -191,6 +199,38 @@ def folder_files(root, split):
     return files
 
 
+def drive_av_files(root, split):
+    """DRIVE's photographs and FOV masks with the artery/vein labels of RITE in ``av/`` beside them."""
+    samples = drive_files(root, split)
+    av_dir = os.path.join(root, "DRIVE", split, "av")
+    if samples and not os.path.isdir(av_dir):
+        raise UserError(f"folder '{av_dir}' does not exist (the artery/vein labels of DRIVE's {split} images)")
+    labels = files_by_stem(av_dir) if samples else {}
+    files = []
+    for s in samples:
+        stem = stem_of(s.image)
+        if stem not in labels:
+            raise UserError(f"artery/vein label file '{os.path.join(av_dir, stem + '.png')}' for image "
+                            f"'{os.path.basename(s.image)}' does not exist")
+        files.append(s._replace(label=os.path.join(av_dir, labels[stem][0])))
+    return files
+
+
+def hrf_av_files(root, split):
+    """HRF's photographs and FOV masks with artery/vein labels in ``av/``, named as the photographs."""
+    av_dir = _require_dir(os.path.join(root, "av"), "HRF's artery/vein labels")
+    labels = files_by_stem(av_dir)
+    files = []
+    for s in hrf_files(root, split, need_labels=False):
+        stem = stem_of(s.image).lower()
+        found = labels.get(stem) or labels.get(stem_of(s.image))
+        if found is None:
+            raise UserError(f"artery/vein label file '{os.path.join(av_dir, stem + '.png')}' for image "
+                            f"'{os.path.basename(s.image)}' does not exist")
+        files.append(s._replace(label=os.path.join(av_dir, found[0])))
+    return files
+
+
 # ---------------------------------------------------------------------------
 # the registry
 
@@ -202,6 +242,7 @@ class DatasetSpec(NamedTuple):
     std: tuple
     base_size: Optional[int]  # the random resize's base (None: the median shorter side of the training images)
     fov_masks: Optional[bool]  # True: every image has a FOV mask file; False: none (estimated); None: optional
+    av: bool = False  # artery/vein labels (imaging.read_av_label): a model of 2 classes besides the background
 
 
 # The statistics by compute_mean_std.py --dataset: CHASE_DB1 images 01-10, STARE's first 10 labelled images.
@@ -212,6 +253,8 @@ DATASETS = {
     "stare": DatasetSpec(stare_files, (0.7421, 0.4000, 0.1208), (0.2221, 0.1408, 0.1224), None, False),
     "hrf": DatasetSpec(hrf_files, DRIVE_MEAN, DRIVE_STD, None, True),
     "folder": DatasetSpec(folder_files, DRIVE_MEAN, DRIVE_STD, None, None),
+    "drive_av": DatasetSpec(drive_av_files, DRIVE_MEAN, DRIVE_STD, BASE_SIZE, True, av=True),
+    "hrf_av": DatasetSpec(hrf_av_files, DRIVE_MEAN, DRIVE_STD, None, True, av=True),
 }
 
 
@@ -266,13 +309,16 @@ class VesselDataset(Dataset):
     """
 
     def __init__(self, samples, transforms=None, cache=True, num_classes=1, fov="estimate", fov_diameter=0,
-                 resize_target=True, fov_diameter_max=0):
+                 resize_target=True, fov_diameter_max=0, av=False, vessel_any=False):
         super().__init__()
         self.samples = list(samples)
         self.img_list = [s.image for s in self.samples]
         self.manual = [s.label for s in self.samples]
         self.roi_mask = [s.mask for s in self.samples]
         self.num_classes = num_classes
+        if av and num_classes != 2:
+            raise UserError(f"artery/vein labels need --num-classes 2 (artery, vein), not {num_classes}")
+        self.av, self.vessel_any = av, vessel_any  # vessel_any: vessel labels for an artery/vein model
         self.fov = fov
         self.fov_diameter, self.fov_diameter_max = fov_diameter, fov_diameter_max
         self.resize_target = resize_target
@@ -282,7 +328,7 @@ class VesselDataset(Dataset):
     def _load(self, idx):
         """(image uint8 [3, H, W], target uint8 [H, W]) of sample ``idx``, rescaled for ``fov_diameter``."""
         s = self.samples[idx]
-        img, target = load_sample(s.image, s.label, s.mask, self.num_classes, self.fov)
+        img, target = load_sample(s.image, s.label, s.mask, self.num_classes, self.fov, self.av, self.vessel_any)
         img, target = torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.from_numpy(target)
         if self.fov_diameter:
             scale = fov_scale(target.numpy() != IGNORE_INDEX, self.fov_diameter, self.fov_diameter_max)

@@ -37,7 +37,8 @@ from torch.utils.data.distributed import DistributedSampler
 import src
 from my_dataset import DATASETS, BalancedSampler, RepeatDataset, VesselDataset, dataset_files, holdout
 from train_utils import distributed_utils as utils
-from train_utils.checkpoint import load_checkpoint, require_checkpoint_space, resume, safe_load, save_epoch
+from train_utils.checkpoint import (init_weights, load_checkpoint, require_checkpoint_space, resume, safe_load,
+                                   save_epoch)
 from train_utils.errors import UserError, run_cli
 from train_utils.evaluation import DatasetResults, validate, write_test_metrics
 from train_utils.files import append_text, ensure_writable_folder, remove_new_empty_folders, restart_epoch_log
@@ -93,6 +94,8 @@ def dataset_facts(values):
             tuple(float(np.mean(c)) for c in zip(*(sp.std for sp in specs))))
     if all(sp.fov_masks for sp in specs):
         facts["fov"] = "masks"
+    if any(sp.av for sp in specs):
+        facts["num_classes"] = 2  # artery, vein (with vessel-only datasets beside them: vessels of either class)
     if values["test_only"]:
         return facts
     bases, held = [], []
@@ -154,9 +157,14 @@ def build_datasets(s):
               fov_diameter_max=s.fov_diameter_max)
     bases = per_dataset(s.base_size) if isinstance(s.base_size, (list, tuple)) else [s.base_size] * len(sources)
     train_parts, val_parts = [], []
+    av_run = any(DATASETS[source.name].av for source in sources)
     for source, base in zip(sources, bases):
+        kw["av"] = DATASETS[source.name].av
+        kw["vessel_any"] = av_run and not kw["av"]  # its vessels supervise "artery or vein", and it is not scored
         where = f"the {source.name} dataset in '{source.path}'"
         say = print if len(sources) == 1 else (lambda line, n=source.name: print(f"{n}: {line}"))
+        if kw["vessel_any"] and s.test_only:
+            continue
         if s.test_only:
             test = dataset_files(source.name, source.path, "test")
             if not test:
@@ -164,7 +172,10 @@ def build_datasets(s):
             val_parts.append((source.name, VesselDataset(test, eval_tf, resize_target=False, **kw)))
             continue
         train, held_names = split_training_images(source, s.as_dict())
-        if held_names:
+        if kw["vessel_any"]:
+            say("training only: its vessel labels supervise artery and vein together (1 - P(background)); "
+                "it is not validated")
+        elif held_names:
             val = [t for t in dataset_files(source.name, source.path, "training")
                    if os.path.basename(t.image) in held_names]
             say(f"validation: {len(val)} held-out training images ({', '.join(held_names)}); "
@@ -185,7 +196,8 @@ def build_datasets(s):
             + (f", photographs rescaled to a FOV {s.fov_diameter} px across" if s.fov_diameter else "")
             + (f" (up to {s.fov_diameter_max} px at their own scale)" if s.fov_diameter_max else ""))
         train_parts.append((source.name, VesselDataset(train, train_tf, **kw)))
-        val_parts.append((source.name, VesselDataset(val, eval_tf, resize_target=False, **kw)))
+        if not kw["vessel_any"]:
+            val_parts.append((source.name, VesselDataset(val, eval_tf, resize_target=False, **kw)))
     return train_parts, val_parts
 
 
@@ -266,8 +278,11 @@ def main(args):
     # 1. Data
     train_loader, val_loaders = build_data_loaders(s, proc, device)
 
-    # 2. Model (a resumed run takes its weights from the checkpoint: no backbone file needed)
-    model = create_model(num_classes, s.base_c, s.model, "" if checkpoint else s.pretrained_backbone).to(device)
+    # 2. Model (a resumed run takes its weights from the checkpoint: no backbone or initial weights needed)
+    model = create_model(num_classes, s.base_c, s.model, "" if checkpoint else s.pretrained_backbone)
+    if s.init_weights and not checkpoint and not s.test_only:
+        print(init_weights(model, s.init_weights))
+    model.to(device)
     if s.test_only:
         return evaluate_checkpoint(s, model, checkpoint, val_loaders, device)
 
@@ -381,7 +396,8 @@ def validate_and_print(s, model, val_loaders, device, num_classes, per_image=Fal
             print(f"dataset {name}:")
         results.append((name, validate(model, loader, device, num_classes, tta=s.eval_tta, tile_size=s.val_tile_size,
                                        multiple=src.model_spec(s.model).size_multiple,
-                                       channels_last=s.eval_channels_last, per_image=per_image)))
+                                       channels_last=s.eval_channels_last, per_image=per_image,
+                                       av=DATASETS[name].av)))
         results[-1][1].report()
     if len(results) == 1:
         return results[0][1]

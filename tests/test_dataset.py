@@ -111,7 +111,8 @@ b8abfaa2f7b7e3c8b200b224584b406f4e6e6507d10e1403801d13869cefceda  stare/stare-im
 def test_synthetic_writers_write_the_files_they_always_wrote(tmp_path):
     cases = {"drive": {}, "chase_db1": {}, "stare": {}, "hrf": {}, "folder": {},
              "folder2": dict(num_classes=2, masks=False)}
-    assert set(WRITERS) == {case.rstrip("2") for case in cases}
+    # The artery/vein layouts came later (tests/test_arteries_veins.py reads them back against the generator).
+    assert set(WRITERS) - {"drive_av", "hrf_av"} == {case.rstrip("2") for case in cases}
     found = {}
     for case, kw in cases.items():
         root = tmp_path / case

@@ -95,7 +95,7 @@ def test_folder_matches_stems_and_masks(layouts, tmp_path):
 
 def test_registry_lists_every_dataset_once(layouts, tmp_path):
     """One entry per dataset: its reader, its statistics and sizes; a synthetic writer for each."""
-    assert list(DATASETS) == list(WRITERS) == ["drive", "chase_db1", "stare", "hrf", "folder"]
+    assert list(DATASETS) == list(WRITERS) == ["drive", "chase_db1", "stare", "hrf", "folder", "drive_av", "hrf_av"]
     for name in ("chase_db1", "stare", "hrf", "folder"):
         assert dataset_files(name, layouts[name], "test") == DATASETS[name].reader(layouts[name], "test")
     assert DATASETS["drive"].base_size == 565 and DATASETS["hrf"].base_size is None
@@ -103,7 +103,8 @@ def test_registry_lists_every_dataset_once(layouts, tmp_path):
     # Datasets with a mask file per image are those whose reader gives one.
     assert all(s.mask is not None for s in dataset_files("hrf", layouts["hrf"], "training"))
     assert all(s.mask is None for s in dataset_files("chase_db1", layouts["chase_db1"], "training"))
-    assert [DATASETS[n].fov_masks for n in DATASETS] == [True, False, False, True, None]
+    assert [DATASETS[n].fov_masks for n in DATASETS] == [True, False, False, True, None, True, True]
+    assert [n for n in DATASETS if DATASETS[n].av] == ["drive_av", "hrf_av"]
     with pytest.raises(UserError, match="unknown dataset 'voc' \\(choose from drive, chase_db1"):
         dataset_files("voc", str(tmp_path), "training")
 

@@ -151,6 +151,31 @@ def load_model_state(model, state_dict, path):
         raise UserError(f"checkpoint '{path}' does not fit the model: {detail[:300]}") from None
 
 
+def init_weights(model, path):
+    """Start ``model`` from the weights of another run's checkpoint or exported ``.pth`` (``--init-weights``), of
+    the same architecture; returns the line train.py prints.
+
+    The output layer may have more classes than the file's: a one-class vessel model gives its background
+    output to the background and its vessel output to every other class, so an artery/vein model starts by
+    drawing the vessels it already finds, half artery, half vein, and training only has to tell them apart.
+    """
+    state = load_checkpoint(path)["model"]
+    own = model.state_dict()
+    grown = []
+    for name, value in state.items():
+        mine = own.get(name)
+        if mine is None or mine.shape == value.shape:
+            continue
+        if value.shape[1:] != mine.shape[1:] or value.shape[0] != 2 or mine.shape[0] < 2:
+            raise UserError(f"--init-weights '{path}' does not fit the model: {name} is {tuple(value.shape)} "
+                            f"there and {tuple(mine.shape)} here (another --model or --base-c?)")
+        state[name] = torch.cat([value[:1]] + [value[1:2]] * (mine.shape[0] - 1))
+        grown.append(name)
+    load_model_state(model, state, path)
+    return (f"initial weights: '{path}'"
+            + (f" (its vessel output copied to each of {own[grown[0]].shape[0] - 1} classes)" if grown else ""))
+
+
 def resume(checkpoint, path, model, optimizer=None, lr_scheduler=None, scaler=None, rank=0, world_size=1):
     """Restore a run from ``checkpoint``: the model, and with ``optimizer`` the whole training state.
 

@@ -16,11 +16,11 @@ import torch
 from . import distributed_utils as utils
 from .files import atomic_write
 from .inference import FlipAverage, evaluation_log_probs, inference_model
-from .metrics import IGNORE_INDEX, ConfusionMatrix, DiceCoefficient, VesselMetrics, format_metrics
+from .metrics import IGNORE_INDEX, ArteryVeinMetrics, ConfusionMatrix, DiceCoefficient, VesselMetrics, format_metrics
 from .train_and_eval import to_device
 
 TEST_METRICS_FILE = "test_metrics.csv"
-TEST_METRICS_COLUMNS = ("dice",) + VesselMetrics.NAMES
+TEST_METRICS_COLUMNS = ("dice",) + VesselMetrics.NAMES  # then ArteryVeinMetrics.NAMES for an artery/vein model
 
 
 @dataclass
@@ -29,7 +29,7 @@ class ValidationResult:
 
     confmat: ConfusionMatrix  # pixel counts: the tutorial's block
     dice: float  # mean over images of each image's foreground dice
-    vessel: dict  # VesselMetrics.compute(): every validation pixel pooled
+    vessel: dict  # VesselMetrics.compute() (and ArteryVeinMetrics.compute() with 3 classes): pixels pooled
     rows: Optional[list] = None  # with per_image: [(image file name, {"dice": ..., **vessel metrics})], dataset order
 
     def report(self):
@@ -79,7 +79,7 @@ def _mean(values):
 
 @torch.no_grad()
 def validate(model, data_loader, device, num_classes, *, tta=False, tile_size=0, multiple=16,
-             channels_last=True, per_image=False) -> ValidationResult:
+             channels_last=True, per_image=False, av=False) -> ValidationResult:
     """Score ``model`` on every image of ``data_loader`` (on every process its share) and return the result.
 
     Validation runs in float32 whatever ``--amp`` says (as the tutorial's): the
@@ -92,14 +92,15 @@ def validate(model, data_loader, device, num_classes, *, tta=False, tile_size=0,
     Metrics accumulate on the device (no per-image host sync) and are reduced
     across processes once at the end; the AUC sorts every validation pixel, so
     it is computed once. ``per_image`` also scores each image on its own (one
-    host sync per image) and gathers those rows from every process.
+    host sync per image) and gathers those rows from every process. ``av``: the classes are background,
+    artery and vein, and the artery/vein scores (``ArteryVeinMetrics``) are added.
     """
     eval_model = inference_model(model, channels_last)
     if tta:
         eval_model = FlipAverage(eval_model, channels_last)
     confmat = ConfusionMatrix(num_classes)
     dice = DiceCoefficient(num_classes=num_classes, ignore_index=IGNORE_INDEX)
-    vessel = VesselMetrics(ignore_index=IGNORE_INDEX)
+    vessel = _pixel_metrics(av)
     rows = []
     metric_logger = utils.MetricLogger(delimiter="  ")
     for image, target in metric_logger.log_every(data_loader, 100, "Test:"):
@@ -108,25 +109,38 @@ def validate(model, data_loader, device, num_classes, *, tta=False, tile_size=0,
                                          size=target.shape[-2:])
         confmat.update(target.flatten(), log_probs.argmax(1).flatten())
         dice.update(log_probs, target)
-        vessel.update(log_probs, target)
+        for m in vessel:
+            m.update(log_probs, target)
         if per_image:
-            rows += _image_rows(log_probs, target, num_classes)
+            rows += _image_rows(log_probs, target, num_classes, av)
     confmat.reduce_from_all_processes()
     dice.reduce_from_all_processes()
-    vessel.reduce_from_all_processes()
-    return ValidationResult(confmat, dice.value.item(), vessel.compute(),
+    for m in vessel:
+        m.reduce_from_all_processes()
+    return ValidationResult(confmat, dice.value.item(), {k: v for m in vessel for k, v in m.compute().items()},
                             _gather_image_rows(data_loader, rows) if per_image else None)
 
 
-def _image_rows(log_probs, target, num_classes):
+def _pixel_metrics(av):
+    """The pooled metrics: the vessel metrics, and for a model of background, artery and vein (``av``) the
+    artery/vein scores."""
+    metrics = [VesselMetrics(ignore_index=IGNORE_INDEX)]
+    if av:
+        metrics.append(ArteryVeinMetrics(ignore_index=IGNORE_INDEX))
+    return metrics
+
+
+def _image_rows(log_probs, target, num_classes, av=False):
     """Each image of the batch scored on its own: ``{"dice": ..., **vessel metrics}``, in batch order."""
     rows = []
     for k in range(log_probs.shape[0]):
         one_dice = DiceCoefficient(num_classes=num_classes, ignore_index=IGNORE_INDEX)
         one_dice.update(log_probs[k:k + 1], target[k:k + 1])
-        one = VesselMetrics(ignore_index=IGNORE_INDEX)
-        one.update(log_probs[k:k + 1], target[k:k + 1])
-        rows.append({"dice": one_dice.value.item(), **one.compute()})
+        row = {"dice": one_dice.value.item()}
+        for one in _pixel_metrics(av):
+            one.update(log_probs[k:k + 1], target[k:k + 1])
+            row.update(one.compute())
+        rows.append(row)
     return rows
 
 
@@ -156,14 +170,15 @@ def write_test_metrics(output_dir, result, dataset=""):
     if any(r.rows is None for _, r in parts):
         raise ValueError("write_test_metrics needs the per-image rows: validate(..., per_image=True)")
     path = os.path.join(output_dir, TEST_METRICS_FILE)
+    columns = TEST_METRICS_COLUMNS + tuple(k for k in ArteryVeinMetrics.NAMES if k in parts[0][1].vessel)
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(("dataset", "image") + TEST_METRICS_COLUMNS)
+            w.writerow(("dataset", "image") + columns)
             for name, r in parts:
                 for image, row in r.rows + [("pooled", {"dice": r.dice, **r.vessel})]:
-                    w.writerow([name, image] + [f"{row[k]:.6f}" for k in TEST_METRICS_COLUMNS])
+                    w.writerow([name, image] + [f"{row[k]:.6f}" for k in columns])
 
     atomic_write(path, write)
     return path

@@ -329,6 +329,50 @@ def read_label(path, img_path, shape, num_classes=1):
     return values.astype(np.uint8)
 
 
+# Artery/vein labels: class indices, and the colours they are commonly published in (one channel set at
+# 128 or more, the others below it). Crossings (green) and uncertain vessels (white) are vessels of no class.
+ARTERY, VEIN, AV_UNCERTAIN = 1, 2, 3
+# A target pixel that is a vessel of either class: a vessel-only label's vessels in an artery/vein run
+# (train_and_eval.criterion supervises it as 1 - P(background)).
+VESSEL_ANY = 254
+AV_COLOURS = {(0, 0, 0): 0, (1, 0, 0): ARTERY, (0, 0, 1): VEIN, (0, 1, 0): AV_UNCERTAIN, (1, 1, 1): AV_UNCERTAIN}
+AV_RULE = ("an artery/vein label holds class indices 0 background, 1 artery, 2 vein, 3 uncertain (255 ignored), "
+           "or colours: black background, red artery, blue vein, green crossing, white uncertain")
+
+
+def _av_values(im):
+    """(values, kind) of an artery/vein label: "indices" of a grey or palette image, or "colour" RGB pixels."""
+    if im.mode in ("P", "L", "1", "I", "I;16", "I;16B", "I;16L"):
+        return _class_indices(im), "indices"
+    rgb = np.array(im.convert("RGB"))
+    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+        return rgb[..., 0], "indices"
+    return rgb, "colour"
+
+
+def read_av_label(path, img_path, shape):
+    """An artery/vein label as uint8 [H, W]: 0 background, ``ARTERY``, ``VEIN``, ``AV_UNCERTAIN`` (a vessel
+    whose class the expert left open, or a crossing), 255 ignored. Class-index images (grey or palette) and
+    colour images (``AV_COLOURS``) are read; other values or colours are a ``UserError`` naming them."""
+    values, kind = _decode(path, _av_values)
+    _check_shape(values[..., 0] if kind == "colour" else values, path, img_path, shape)
+    if kind == "colour":
+        on = (values >= 128).astype(np.uint8)
+        code = on[..., 0] * 4 + on[..., 1] * 2 + on[..., 2]
+        table = np.full(8, 255, dtype=np.uint8)
+        for (r, g, b), cls in AV_COLOURS.items():
+            table[r * 4 + g * 2 + b] = cls
+        classes = table[code]
+        if (classes == 255).any():
+            raise UserError(f"label '{path}' holds the colours {_listed_colours(values[classes == 255])}: {AV_RULE}")
+        return classes
+    present = set(np.unique(values).tolist())
+    bad = sorted(present - {0, ARTERY, VEIN, AV_UNCERTAIN, IGNORE_INDEX})
+    if bad:
+        raise UserError(f"label '{path}' holds the values {_listed(bad)}: {AV_RULE}")
+    return values.astype(np.uint8)
+
+
 # A grey level is a tone of a label when its uniform 3x3 blocks cover more than this share of the image (and
 # 8 blocks): soft edges, however made, cover less than 0.03 %. Tones this close are one (JPEG shifts levels).
 REGION_SHARE = 0.001
@@ -523,10 +567,21 @@ def check_min_size(paths, min_side, model, sizes=None):
                             f"{model} model needs (its size multiple); enlarge it or use larger images")
 
 
-def load_sample(img_path, label_path, mask_path, num_classes=1, fov="estimate"):
-    """(image uint8 [H, W, 3], target uint8 [H, W]) with the label's classes inside the FOV and 255 outside."""
+def load_sample(img_path, label_path, mask_path, num_classes=1, fov="estimate", av=False, vessel_any=False):
+    """(image uint8 [H, W, 3], target uint8 [H, W]) with the label's classes inside the FOV and 255 outside.
+
+    ``av``: the label is an artery/vein label (``read_av_label``); its uncertain vessels are ignored (255)
+    like the outside of the FOV, never counted as background. ``vessel_any``: a vessel label read for an
+    artery/vein model, its vessels ``VESSEL_ANY``."""
     img = read_image(img_path, "RGB")
-    label = read_label(label_path, img_path, img.shape[:2], num_classes)
+    if av:
+        label = read_av_label(label_path, img_path, img.shape[:2])
+        label[label == AV_UNCERTAIN] = IGNORE_INDEX
+    elif vessel_any:
+        label = read_label(label_path, img_path, img.shape[:2], 1)
+        label[label == 1] = VESSEL_ANY
+    else:
+        label = read_label(label_path, img_path, img.shape[:2], num_classes)
     inside = field_of_view(img, mask_path, img_path, fov)
     return img, np.where(inside, label, IGNORE_INDEX).astype(np.uint8)
 

@@ -272,6 +272,60 @@ class VesselMetrics:
         return format_metrics(self.compute())
 
 
+class ArteryVeinMetrics:
+    """The artery/vein scores, pooled over every non-ignored pixel of every image like ``VesselMetrics``.
+
+    ``artery_f1`` and ``vein_f1``: each class's F1 (dice) over all pixels, the
+    other class counting as not it; ``av_accuracy``: the share of the pixels that
+    the label calls artery or vein and the prediction calls a vessel (either
+    class) whose class is right: how well the vessels found are told apart. The
+    label's uncertain vessels are ignored (255) like the outside of the FOV.
+    The prediction is the argmax over background, artery and vein.
+    """
+
+    NAMES = ("artery_f1", "vein_f1", "av_accuracy")
+
+    def __init__(self, ignore_index=IGNORE_INDEX):
+        self.ignore_index = ignore_index
+        self.counts = None  # int64 [artery tp, fp, fn, vein tp, fp, fn, A/V right, A/V scored]
+
+    @torch.no_grad()
+    def update(self, logits, target):
+        """Accumulate one batch: logits [N, 3, H, W] (background, artery, vein), target [N, H, W]."""
+        if logits.dim() != 4 or logits.shape[1] != 3:
+            raise ValueError(f"expected logits [N, 3, H, W] (background, artery, vein), got {tuple(logits.shape)}")
+        target = target.to(logits.device)
+        valid = target != self.ignore_index
+        pred = logits.argmax(1)
+        parts = []
+        for cls in (1, 2):
+            p, t = valid & (pred == cls), valid & (target == cls)
+            parts += [(p & t).sum(), (p & ~t).sum(), (~p & t).sum()]
+        scored = valid & (target >= 1) & (target <= 2) & (pred >= 1)
+        parts += [(scored & (pred == target)).sum(), scored.sum()]
+        counts = torch.stack(parts)
+        self.counts = counts if self.counts is None else self.counts + counts
+
+    def reduce_from_all_processes(self):
+        if not is_dist_avail_and_initialized():
+            return
+        counts = self.counts if self.counts is not None else torch.zeros(8, dtype=torch.int64)
+        counts = counts.to(collective_device())
+        dist.all_reduce(counts)
+        self.counts = counts
+
+    def compute(self):
+        """The scores as Python floats; a ratio with a zero denominator is 0.0."""
+        c = self.counts.tolist() if self.counts is not None else [0] * 8
+
+        def ratio(a, b):
+            return a / b if b else 0.0
+
+        return {"artery_f1": ratio(2 * c[0], 2 * c[0] + c[1] + c[2]),
+                "vein_f1": ratio(2 * c[3], 2 * c[3] + c[4] + c[5]),
+                "av_accuracy": ratio(c[6], c[7])}
+
+
 def format_metrics(values):
     """``compute()``'s dict as printed and logged: one ``name: value`` line each."""
     return "\n".join(f"{name}: {value:.4f}" for name, value in values.items())

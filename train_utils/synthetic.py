@@ -33,11 +33,12 @@ from .imaging import palette_image, split_ext
 
 
 def _vessel_tree(rng, height, width, scale, eye, disc):
-    """The drawn vessel pixels (bool [H, W]): trunks from the optic disc ``disc`` = (y, x, radius), branching
-    and tapering, each ending at the width limit or at the rim of the field of view ``eye`` = (cy, cx, radius)."""
+    """The drawn vessel pixels of the trunks from the optic disc ``disc`` = (y, x, radius), branching and
+    tapering, each ending at the width limit or at the rim of the field of view ``eye`` = (cy, cx, radius): two
+    bool [H, W] maps, the trees of the even trunks (arteries) and of the odd ones (veins)."""
     (cy, cx, radius), (disc_y, disc_x, disc_r) = eye, disc
-    canvas = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(canvas)
+    canvases = [Image.new("L", (width, height), 0) for _ in range(2)]
+    draws = [ImageDraw.Draw(c) for c in canvases]
     step = max(2.0, 5.0 * scale)
     n_trunks = int(rng.integers(4, 7))
     stack = []
@@ -46,11 +47,12 @@ def _vessel_tree(rng, height, width, scale, eye, disc):
         x0 = disc_x + 0.3 * disc_r * math.cos(angle)
         y0 = disc_y + 0.3 * disc_r * math.sin(angle)
         # Small images keep trunks at least 2.5 px wide, or the tree would vanish below min_width.
-        stack.append((x0, y0, angle, max(rng.uniform(7.0, 10.0) * scale, 2.5), 0))
+        stack.append((x0, y0, angle, max(rng.uniform(7.0, 10.0) * scale, 2.5), 0, k % 2))
     min_width = max(1.0, 1.2 * scale)
     segments = 0
     while stack and segments < 20000:
-        x, y, angle, w, depth = stack.pop()
+        x, y, angle, w, depth, tree = stack.pop()
+        draw = draws[tree]
         curve = rng.normal(0, 0.02)
         while w >= min_width and segments < 20000:
             angle += curve + rng.normal(0, 0.12)
@@ -66,15 +68,16 @@ def _vessel_tree(rng, height, width, scale, eye, disc):
             w *= 0.992
             if depth < 6 and rng.random() < 0.05:
                 branch = angle + rng.choice([-1, 1]) * rng.uniform(0.5, 1.1)
-                stack.append((x, y, branch, w * rng.uniform(0.55, 0.8), depth + 1))
+                stack.append((x, y, branch, w * rng.uniform(0.55, 0.8), depth + 1, tree))
                 w *= 0.9
-    return np.asarray(canvas) > 0
+    return [np.asarray(c) > 0 for c in canvases]
 
 
-def _colour(rng, r2, d2, vessel, fov, scale):
+def _colour(rng, r2, d2, vessel, fov, scale, veins=None):
     """The photograph (uint8 [H, W, 3]) from the squared distances to the FOV's centre ``r2`` and to the disc's
     ``d2`` (in their radii): an orange-red retina darkening towards the rim, low-frequency blotches, the disc,
-    the vessels; a nearly black border outside the FOV."""
+    the vessels (``veins``, when given, darker than the rest, as veins are); a nearly black border outside
+    the FOV."""
     height, width = r2.shape
     base = np.array([0.80, 0.42, 0.25]) * rng.uniform(0.9, 1.1, size=3)
     shade = 1.0 - 0.45 * r2
@@ -85,19 +88,23 @@ def _colour(rng, r2, d2, vessel, fov, scale):
     img = img + np.exp(-d2 * 1.5)[..., None] * np.array([0.25, 0.35, 0.3])
     darken = np.array([0.82, 0.5, 0.65]) * rng.uniform(0.95, 1.05)
     img = np.where(vessel[..., None], img * darken, img)
+    if veins is not None:
+        img = np.where(veins[..., None], img * np.array([0.8, 0.75, 0.85]), img)
     img = np.clip(img * 255 + rng.normal(0, 4, img.shape), 0, 255)
     img = Image.fromarray(img.astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6))
     img = np.where(fov[..., None], np.asarray(img), rng.integers(0, 6, img.size[::-1] + (3,)))
     return img.astype(np.uint8)
 
 
-def synthetic_fundus(height=584, width=565, seed=0, with_disc=False):
+def synthetic_fundus(height=584, width=565, seed=0, with_disc=False, with_av=False):
     """One synthetic fundus photograph: (RGB uint8 [H, W, 3], vessel bool [H, W], FOV bool [H, W]).
 
     A circular field of view with vignetting, a bright optic disc, and a vessel
     tree growing from the disc with branches that taper; the label is exactly
     the drawn vessel pixels inside the FOV. ``with_disc=True`` adds a fourth
     item, the optic disc (bool [H, W], inside the FOV), a second class to learn.
+    ``with_av=True`` adds (last) an artery/vein label (uint8 [H, W]: 0, 1 artery,
+    2 vein, 3 where they cross), every other trunk's tree a vein, drawn darker.
     """
     rng = np.random.default_rng(seed)
     scale = min(height, width) / 565.0
@@ -111,33 +118,39 @@ def synthetic_fundus(height=584, width=565, seed=0, with_disc=False):
     disc_y = cy + rng.uniform(-0.08, 0.08) * radius
     disc_x = cx + side * rng.uniform(0.45, 0.6) * radius
     disc_r = rng.uniform(0.13, 0.17) * radius
-    vessel = _vessel_tree(rng, height, width, scale, (cy, cx, radius), (disc_y, disc_x, disc_r)) & fov
+    arteries, veins = (t & fov for t in _vessel_tree(rng, height, width, scale, (cy, cx, radius),
+                                                      (disc_y, disc_x, disc_r)))
+    vessel = arteries | veins
     d2 = ((yy - disc_y) ** 2 + (xx - disc_x) ** 2) / disc_r ** 2
-    img = _colour(rng, r2, d2, vessel, fov, scale)
-    if with_disc:
-        return img, vessel, fov, (d2 <= 1.0) & fov
-    return img, vessel, fov
+    img = _colour(rng, r2, d2, vessel, fov, scale, veins if with_av else None)
+    out = (img, vessel, fov) + (((d2 <= 1.0) & fov,) if with_disc else ())
+    if with_av:
+        out += ((arteries * np.uint8(1) + veins * np.uint8(2)),)  # 3 where both: a crossing
+    return out
 
 
 # ---------------------------------------------------------------------------
 # dataset layouts
 
 
-def write_synthetic_drive(root, num_train=20, num_test=20, height=584, width=565, seed=0):
+def write_synthetic_drive(root, num_train=20, num_test=20, height=584, width=565, seed=0, av=False):
     """Write a synthetic DRIVE-format dataset under ``root/DRIVE``; deterministic for a given seed.
 
     Numbering follows DRIVE: test images 01.., training images from 21 on
-    (more than 20 test images push training numbers further).
+    (more than 20 test images push training numbers further). ``av``: with
+    artery/vein labels in ``av/``, drawn in RITE's colours (``drive_av``).
     """
     first_train = max(21, num_test + 1)
     plan = [("test", i + 1) for i in range(num_test)] + [("training", first_train + i) for i in range(num_train)]
     for split, number in plan:
         d = os.path.join(root, "DRIVE", split)
-        for sub in ("images", "1st_manual", "mask"):
+        for sub in ("images", "1st_manual", "mask") + (("av",) if av else ()):
             os.makedirs(os.path.join(d, sub), exist_ok=True)
         # One independent stream per image, so an image does not depend on how many others there are.
-        img, vessel, fov = synthetic_fundus(height, width, seed=[seed, number])
+        img, vessel, fov, *classes = synthetic_fundus(height, width, seed=[seed, number], with_av=av)
         nn_ = f"{number:02d}"
+        if av:
+            Image.fromarray(av_colours(classes[0])).save(os.path.join(d, "av", f"{nn_}_{split}.png"))
         Image.fromarray(img).save(os.path.join(d, "images", f"{nn_}_{split}.tif"))
         Image.fromarray(vessel.astype(np.uint8) * 255).save(os.path.join(d, "1st_manual", f"{nn_}_manual1.gif"))
         Image.fromarray(fov.astype(np.uint8) * 255).save(os.path.join(d, "mask", f"{nn_}_{split}_mask.gif"))
@@ -206,8 +219,29 @@ def _gray(b):
     return b.astype(np.uint8) * 255
 
 
+def av_colours(classes):
+    """An artery/vein label drawn as such labels are published: red artery, blue vein, green crossing."""
+    rgb = np.zeros(classes.shape + (3,), np.uint8)
+    for cls, colour in ((1, (255, 0, 0)), (2, (0, 0, 255)), (3, (0, 255, 0))):
+        rgb[classes == cls] = colour
+    return rgb
+
+
 def _write_drive(root, r):
     write_synthetic_drive(root, r.num_train, r.num_test, r.height, r.width, r.seed)
+
+
+def _write_drive_av(root, r):
+    write_synthetic_drive(root, r.num_train, r.num_test, r.height, r.width, r.seed, av=True)
+
+
+def _write_hrf_av(root, r):
+    train, test = _hrf_names(r.num_train, r.num_test)
+    for k, (stem, number) in enumerate(train + test):
+        img, _, fov, classes = synthetic_fundus(r.height, r.width, seed=[r.seed, number], with_av=True)
+        _save(img, os.path.join(root, "images", stem + (".JPG" if k % 2 else ".jpg")), quality=95)
+        _save(_gray(fov), os.path.join(root, "mask", stem + "_mask.tif"))
+        _save(classes, os.path.join(root, "av", stem + ".png"))  # class indices, as HRF's are often shared
 
 
 def _write_chase_db1(root, r):
@@ -261,7 +295,7 @@ def _write_folder(root, r):
 
 # One writer per dataset of my_dataset.DATASETS: (root, _Request) -> None.
 WRITERS = {"drive": _write_drive, "chase_db1": _write_chase_db1, "stare": _write_stare, "hrf": _write_hrf,
-           "folder": _write_folder}
+           "folder": _write_folder, "drive_av": _write_drive_av, "hrf_av": _write_hrf_av}
 
 
 def write_synthetic(root, dataset="drive", num_train=20, num_test=20, height=584, width=565, seed=0,
@@ -272,7 +306,8 @@ def write_synthetic(root, dataset="drive", num_train=20, num_test=20, height=584
     Every layout's reader takes the images back with their standard split;
     for ``stare`` that is the first 10 labelled images for training, so
     write ``num_train=10`` to get the asked-for split (one unlabelled
-    photograph is added, which the reader skips). ``folder`` writes PNGs:
+    photograph is added, which the reader skips). ``drive_av`` and ``hrf_av`` add artery/vein labels (RITE's
+    colours, class indices) and draw the veins darker. ``folder`` writes PNGs:
     0/255 labels for ``num_classes=1``, else palette labels with class 1
     vessels and class 2 the optic disc; ``masks=False`` leaves out ``masks/``.
     """
@@ -284,7 +319,7 @@ def write_synthetic(root, dataset="drive", num_train=20, num_test=20, height=584
         raise UserError("synthetic folder data has 1 (vessels) or 2 (vessels, optic disc) foreground classes")
     request = _Request(num_train, num_test, height, width, seed, num_classes, masks)
     WRITERS[dataset](root, request)
-    if dataset != "drive":  # write_synthetic_drive records its own parameters, in DRIVE/synthetic.json
+    if dataset not in ("drive", "drive_av"):  # write_synthetic_drive records its parameters in DRIVE/synthetic.json
         os.makedirs(root, exist_ok=True)
         with open(os.path.join(root, "synthetic.json"), "w") as f:
             json.dump(dict(layout=dataset, **request._asdict()), f)
@@ -301,6 +336,6 @@ def main(args):
         raise UserError("counts must be >= 0 and height/width >= 32")
     write_synthetic(args.output_dir, args.dataset, args.num_train, args.num_test, args.height, args.width,
                     args.seed, args.num_classes, args.masks)
-    where = os.path.join(args.output_dir, "DRIVE") if args.dataset == "drive" else args.output_dir
+    where = os.path.join(args.output_dir, "DRIVE") if args.dataset in ("drive", "drive_av") else args.output_dir
     print(f"wrote {args.num_train} training and {args.num_test} test images ({args.dataset} layout) to '{where}'")
 

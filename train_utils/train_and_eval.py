@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from . import distributed_utils as utils
 from .dice_coefficient_loss import build_target, dice_loss
 from .errors import UserError
+from .imaging import VESSEL_ANY
 from .metrics import IGNORE_INDEX, ConfusionMatrix, DiceCoefficient
 from .skeleton import skeleton_recall_loss
 
@@ -23,14 +24,20 @@ def criterion(inputs, target, loss_weight=None, num_classes: int = 2, dice: bool
 
     ``skeleton_recall`` > 0 adds that weight of ``skeleton.skeleton_recall_loss``
     (``--skeleton-recall``; 0, the tutorial's criterion, by default). The loss is
-    computed in float32 whatever dtype autocast gave the logits.
+    computed in float32 whatever dtype autocast gave the logits. With more than two
+    classes, a target pixel ``VESSEL_ANY`` (a vessel-only dataset's vessel in an
+    artery/vein run) is "any class but the background": -log(1 - P(background)) in the
+    cross-entropy, left out of the dice.
     """
     losses = {}
     for name, x in inputs.items():
         x = x.float()
-        loss = F.cross_entropy(x, target, ignore_index=ignore_index, weight=loss_weight)
+        if x.shape[1] > 2 and ignore_index >= 0:
+            loss, known = _cross_entropy_with_any_vessel(x, target, loss_weight, ignore_index)
+        else:
+            loss, known = F.cross_entropy(x, target, ignore_index=ignore_index, weight=loss_weight), target
         if dice:
-            dice_target = build_target(target, num_classes, ignore_index)
+            dice_target = build_target(known, num_classes, ignore_index)
             loss = loss + dice_loss(x, dice_target, multiclass=True, ignore_index=ignore_index)
         if skeleton_recall:
             loss = loss + skeleton_recall * skeleton_recall_loss(x, target, ignore_index)
@@ -38,6 +45,21 @@ def criterion(inputs, target, loss_weight=None, num_classes: int = 2, dice: bool
     if len(losses) == 1:
         return losses["out"]
     return losses["out"] + 0.5 * losses["aux"]
+
+
+def _cross_entropy_with_any_vessel(x, target, loss_weight, ignore_index):
+    """(the tutorial's weighted mean cross-entropy, the target with ``VESSEL_ANY`` pixels ignored): a pixel
+    whose label says only "a vessel" (a vessel-only dataset in an artery/vein run) adds -log(1 - P(background))
+    instead, counted as one pixel of weight 1. Without such pixels the value is the tutorial's."""
+    any_vessel = target == VESSEL_ANY
+    known = torch.where(any_vessel, ignore_index, target)
+    valid = known != ignore_index
+    ce_sum = F.cross_entropy(x, known, ignore_index=ignore_index, weight=loss_weight, reduction="sum")
+    weights = valid.float() if loss_weight is None else torch.where(
+        valid, loss_weight[known.clamp(max=x.shape[1] - 1)], 0)
+    log_vessel = torch.logsumexp(x[:, 1:], dim=1) - torch.logsumexp(x, dim=1)  # log(1 - P(background))
+    any_sum = -torch.where(any_vessel, log_vessel, 0).sum()
+    return (ce_sum + any_sum) / (weights.sum() + any_vessel.sum()), known
 
 
 class NonFiniteLossError(UserError):
