@@ -52,7 +52,7 @@ PT2_META_FILE = "model.json"
 # differs between runtimes by ~1e-7 of it).
 CHECK_TOLERANCE = 1e-4
 # Settings that name files of the training machine: a --format pth file leaves them out.
-LOCAL_PATH_KEYS = ("data_path", "output_dir", "resume", "pretrained_backbone")
+LOCAL_PATH_KEYS = ("data_path", "output_dir", "resume", "pretrained_backbone", "init_weights")
 
 
 def resolve_format(args, weights):

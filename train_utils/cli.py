@@ -30,6 +30,7 @@ ONNX_OPSET = 18
 # The model shipped in the repository (docs/model_card.md), found wherever the scripts are run from.
 SHIPPED_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights",
                                "unet_vessels.pth")
+SHIPPED_AV_WEIGHTS = os.path.join(os.path.dirname(SHIPPED_WEIGHTS), "unet_av.pth")  # arteries and veins
 # Where predict.py and export.py look for weights without --weights: what train.py writes by default, then
 # what train.py --demo writes, then the shipped model.
 DEFAULT_WEIGHTS = tuple(os.path.join(d, "best_model.pth") for d in (TUTORIAL["output_dir"], DEMO["output_dir"]))
@@ -45,6 +46,7 @@ MEASURE_DIAMETER = 700
 # shipped model sees a 700-pixel FOV: more pixels add time and memory, not vessels it can find. predict.py takes
 # any size.
 APP_HOST, APP_PORT, APP_MAX_MEGAPIXELS = "127.0.0.1", 7860, 25.0
+APP_KEEP_UPLOADS_S = 300.0  # a request queued behind one with the same upload starts well within this
 REFERENCE_BEGIN, REFERENCE_END = "<!-- flag-reference: begin -->", "<!-- flag-reference: end -->"
 
 
@@ -91,12 +93,12 @@ def train_parser(add_help=True, doc=None):
     parser = new_parser("PyTorch U-Net training on DRIVE. A flag left out takes the value --recipe, --demo, the "
                         "dataset\nor the --resume checkpoint gives it, else the tutorial's default shown here "
                         "(train_utils/settings.py).", doc, add_help, argument_default=argparse.SUPPRESS)
-    _data_flags(Flag(parser.add_argument_group("data")))
-    _model_flags(Flag(parser.add_argument_group("model")))
-    _optimisation_flags(Flag(parser.add_argument_group("optimisation")))
-    _recipe_flags(Flag(parser.add_argument_group("recipe and augmentation")))
-    _evaluation_flags(Flag(parser.add_argument_group("evaluation")))
-    _output_flags(Flag(parser.add_argument_group("output")))
+    parser.flag_groups = []  # (Flag of each group), in --help's order: the flag reference of docs/training.md
+    for title, add in (("data", _data_flags), ("model", _model_flags), ("optimisation", _optimisation_flags),
+                       ("recipe and augmentation", _recipe_flags), ("evaluation", _evaluation_flags),
+                       ("output", _output_flags)):
+        parser.flag_groups.append(Flag(parser.add_argument_group(title), title))
+        add(parser.flag_groups[-1])
     return parser
 
 
@@ -143,6 +145,9 @@ def _model_flags(model):
           help="U-Net width: channels of the first stage (--recipe fast: 32 with AMP, else 16)")
     model("--pretrained-backbone", dest="pretrained_backbone", metavar="PATH",
           help="local torchvision ImageNet weight file for the vgg16/mobilenet encoder")
+    model("--init-weights", dest="init_weights", metavar="PATH",
+          help="start from the weights of a checkpoint or exported .pth of the same --model/--base-c; a vessel "
+          "model's vessel output starts every class (an artery/vein model from weights/unet_vessels.pth)")
     model("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction,
           aliases=("--channels_last",), help="NHWC memory format for training (default: on CUDA, and on the CPU "
           "with bfloat16 AMP); validation uses it unless --no-channels-last")
@@ -224,7 +229,8 @@ def train_multi_gpu_parser(add_help=True, doc=None):
     parser = new_parser("PyTorch U-Net DDP training on DRIVE (under torchrun); train.py's flags and the distributed "
                         "ones.", doc, add_help, parents=[train_parser(add_help=False)],
                         argument_default=argparse.SUPPRESS)
-    flag = Flag(parser.add_argument_group("distributed"))
+    flag = Flag(parser.add_argument_group("distributed"), "distributed")
+    parser.flag_groups = [flag]
     flag("--sync-bn", dest="sync_bn", action="store_true", aliases=("--sync_bn",),
          help="synchronise BatchNorm statistics across processes")
     flag("--world-size", dest="world_size", type=int, metavar="N", aliases=("--world_size",),
@@ -289,6 +295,11 @@ def predict_parser(add_help=True, doc=None):
          help="overlap between neighbouring tiles, blended with a raised-cosine ramp")
     flag("--channels-last", dest="channels_last", default=True, action=argparse.BooleanOptionalAction,
          aliases=("--channels_last",), help="NHWC memory format (faster convolutions)")
+    flag("--av", dest="av", action="store_true",
+         help="arteries and veins: also write <stem>_av.png, each pixel's class (0 background, 1 artery, 2 vein) "
+              "as a palette PNG (red artery, blue vein); --overlay draws them so, --save-prob adds "
+              "<stem>_artery_prob.png and <stem>_vein_prob.png, --measure adds artery_ and vein_ columns "
+              "(default weights: the shipped artery/vein model weights/unet_av.pth)")
     flag("--measure", dest="measure", action="store_true",
          help=f"also measure each mask (vessel density, width, tortuosity, fractal dimension, the skeleton's "
               f"segments, junctions and end points) into {MEASUREMENTS_CSV} beside the masks, one row per "
@@ -328,6 +339,10 @@ def measure_parser(add_help=True, doc=None):
          help=f"folder for {MEASUREMENTS_CSV} (and <stem>_overlay.png)")
     flag("--overlay", dest="overlay", action="store_true",
          help="also write <stem>_overlay.png: the mask, its skeleton, junctions and end points")
+    flag("--av", dest="av", action="store_true",
+         help="the masks are artery/vein maps (predict.py --av's <stem>_av.png; in a folder holding them, only "
+              "those) or labels (class indices 0 background, 1 artery, 2 vein, 3 uncertain, or red artery, blue "
+              "vein, green crossing, white uncertain): the arteries and veins are measured apart too")
     _measurement_flags(flag)
     flag("--debug", dest="debug", action="store_true", help="show tracebacks")
     return parser
@@ -341,6 +356,12 @@ def app_parser(add_help=True, doc=None):
     flag = Flag(parser)
     _weights_flag(flag, "checkpoint written by train.py, or an .onnx model written by export.py, as predict.py "
                         "takes")
+    flag("--av-weights", dest="av_weights", default=None, metavar="PATH",
+         help="the artery/vein model the page offers beside the vessels' (default: the shipped "
+              "weights/unet_av.pth; '' none)")
+    flag("--keep-uploads", dest="keep_uploads", default=APP_KEEP_UPLOADS_S, type=float, metavar="S",
+         help="seconds an upload stays on the server after the last request that used it (visitors who send "
+              "the same file share it)")
     flag("--host", dest="host", default=os.environ.get("GRADIO_SERVER_NAME", APP_HOST), metavar="ADDRESS",
          help=f"address to listen on: {APP_HOST} is this machine only; 0.0.0.0 every network interface, e.g. a "
               "lab's server (then give --auth); $GRADIO_SERVER_NAME when set, as Hugging Face Spaces set it")
@@ -422,11 +443,18 @@ def synthetic_main(doc=None):
     return run_cli(main, args)
 
 
-def weights_or_default(weights):
+def weights_or_default(weights, av=False):
     """``--weights``, or the first of ``DEFAULT_WEIGHTS`` that exists, else the shipped model (saying which);
-    one error line if the shipped file is missing too."""
+    one error line if the shipped file is missing too. ``av`` (predict.py --av): the shipped artery/vein model."""
     if weights:
         return weights
+    if av:
+        if not os.path.isfile(SHIPPED_AV_WEIGHTS):
+            raise UserError(f"no --weights given and the shipped artery/vein model '{SHIPPED_AV_WEIGHTS}' is "
+                            "missing: restore it (git checkout -- weights) or pass --weights PATH")
+        print(f"no --weights given: using the shipped artery/vein model '{os.path.relpath(SHIPPED_AV_WEIGHTS)}' "
+              "(docs/model_card.md)")
+        return SHIPPED_AV_WEIGHTS
     for path in DEFAULT_WEIGHTS:
         if os.path.isfile(path):
             print(f"no --weights given: using '{path}'")
@@ -444,14 +472,33 @@ def weights_or_default(weights):
 # the flag reference of docs/training.md
 
 
-def _table(parser, group):
-    """A Markdown table of one argparse group's flags (older spellings left out): flag, default, help."""
-    formatter = parser._get_formatter()
+def invocation(action):
+    """A flag's spellings with its value, as ``--help`` shows them: ``-b N, --batch-size N``, ``--amp, --no-amp``,
+    ``--scale-range LO HI``, ``--model {unet,vgg16}``."""
+    if action.nargs == 0:
+        return ", ".join(action.option_strings)
+    metavar = action.metavar or ("{" + ",".join(map(str, action.choices)) + "}" if action.choices
+                                 else action.dest.upper())
+    if isinstance(metavar, tuple):
+        value = " ".join(metavar)
+    elif action.nargs == "+":
+        value = f"{metavar} [{metavar} ...]"
+    elif action.nargs == "*":
+        value = f"[{metavar} ...]"
+    elif action.nargs == "?":
+        value = f"[{metavar}]"
+    elif isinstance(action.nargs, int):
+        value = " ".join([metavar] * action.nargs)
+    else:
+        value = metavar
+    return ", ".join(f"{name} {value}" for name in action.option_strings)
+
+
+def _table(flag):
+    """A Markdown table of one group's flags (a ``Flag``; older spellings left out): flag, default, help."""
     rows = ["| flag | default | what it does |", "| --- | --- | --- |"]
-    for action in group._group_actions:
-        if action.help == argparse.SUPPRESS:
-            continue
-        names = formatter._format_action_invocation(action).split(", ")  # as --help shows them
+    for action in flag.actions:
+        names = invocation(action).split(", ")
         default = TUTORIAL.get(action.dest)
         help_text = action.help.removesuffix(default_text(default))  # the default has its own column
         cells = (", ".join(f"`{n}`" for n in names), f"`{shown_default(default)}`" if default_text(default) else "",
@@ -464,11 +511,10 @@ def flag_reference():
     """The Markdown of docs/training.md's flag reference: train.py's flag groups, then train_multi_GPU.py's own."""
     parts = ["<!-- generated from the parsers by python -m train_utils.cli --write-flag-reference "
              "docs/training.md: edit train_utils/cli.py, not this -->"]
-    train, multi_gpu = train_parser(), train_multi_gpu_parser()
-    tables = [(train, group) for group in train._action_groups[2:]]  # after argparse's positionals and options
-    for parser, group in tables + [(multi_gpu, multi_gpu._action_groups[-1])]:
-        title = group.title + (" (train_multi_GPU.py)" if parser is multi_gpu else "")
-        parts += [f"### {title}", _table(parser, group)]
+    for flag in train_parser().flag_groups:
+        parts += [f"### {flag.title}", _table(flag)]
+    for flag in train_multi_gpu_parser().flag_groups:
+        parts += [f"### {flag.title} (train_multi_GPU.py)", _table(flag)]
     return "\n\n".join(parts) + "\n"
 
 

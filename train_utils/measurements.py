@@ -19,7 +19,7 @@ from .cli import MEASURE_DIAMETER
 from .cohort import RowLog
 from .errors import UserError
 from .extras import require
-from .imaging import fov_diameter
+from .imaging import ARTERY, VEIN, fov_diameter
 
 # Micrometres of retina per degree of visual angle (Drasdo & Fowler 1974, the Gullstrand schematic eye): turns
 # a camera's FOV angle into a pixel size, as --fov-angle does.
@@ -39,6 +39,12 @@ COLUMNS = ("image", "fov_diameter_px", "measured_at_px", "pixel_size_um", "fov_d
            "length_density_per_px", "length_density_fov", "length_density_per_mm",
            "mean_width_px", "mean_width_fov", "mean_width_um",
            "tortuosity", "tortuosity_segments", "fractal_dimension", "segments", "junctions", "end_points")
+# Measured again for arteries and veins apart (predict.py --av --measure, measure.py --av), as columns
+# ``artery_<name>`` and ``vein_<name>`` after ``COLUMNS``.
+AV_MEASURED = ("vessel_area_density", "length_density_per_px", "length_density_fov", "length_density_per_mm",
+               "mean_width_px", "mean_width_fov", "mean_width_um", "tortuosity", "fractal_dimension")
+AV_PREFIXES = ("artery_", "vein_")
+AV_COLUMNS = COLUMNS + tuple(prefix + name for prefix in AV_PREFIXES for name in AV_MEASURED)
 # The features whose agreement with the experts' labels is reported (benchmarks/measure_agreement.py).
 FEATURES = ("vessel_area_density", "length_density_fov", "mean_width_fov", "tortuosity", "fractal_dimension",
             "segments", "junctions", "end_points")
@@ -326,6 +332,19 @@ def measure(vessels, fov, name="", pixel_size=None, fov_angle=None, diameter_to=
     return Measurement(row, graph, factor)
 
 
+def measure_av(classes, fov, name="", pixel_size=None, fov_angle=None, diameter_to=MEASURE_DIAMETER):
+    """``measure`` of an artery/vein map (uint8 ``[H, W]``: 0 background, 1 artery, 2 vein, 3 a vessel of no
+    class): every column of the vessels (every class but 0), then ``AV_MEASURED`` of the arteries and of the
+    veins alone (``AV_COLUMNS``). The skeleton kept for the overlay is the vessels'."""
+    classes = np.asarray(classes)
+    measured = measure(classes != 0, fov, name, pixel_size, fov_angle, diameter_to)
+    row = dict(measured.row)
+    for cls, prefix in ((ARTERY, AV_PREFIXES[0]), (VEIN, AV_PREFIXES[1])):
+        one = measure(classes == cls, fov, name, pixel_size, fov_angle, diameter_to).row
+        row.update({prefix + k: one[k] for k in AV_MEASURED})
+    return measured._replace(row=row)
+
+
 # ---------------------------------------------------------------------------
 # the overlay: what was measured, drawn over the photograph
 
@@ -372,25 +391,27 @@ def _cell(value):
     return str(value)
 
 
-def row_cells(row):
-    """A row as the text of its CSV cells, in ``COLUMNS`` order: numbers to 6 significant digits, a missing
+def row_cells(row, columns=COLUMNS):
+    """A row as the text of its CSV cells, in ``columns`` order: numbers to 6 significant digits, a missing
     value (no pixel size, no counted segment) empty."""
-    return [_cell(row[c]) for c in COLUMNS]
+    return [_cell(row[c]) for c in columns]
 
 
 class MeasurementsFile(RowLog):
     """``measurements.csv``: one header, one row per photograph (``cohort.RowLog``: each row added whole, a
     torchrun process's rows in a part file of its own). An existing file's columns are checked when the object
     is made, before any work, and a file of other columns is never written to. ``merge`` at the end of a run
-    leaves one row per photograph: one measured again replaces its earlier row, the others are kept.
+    leaves one row per photograph: one measured again replaces its earlier row, the others are kept. With
+    ``av``, the columns are ``AV_COLUMNS`` (the arteries' and veins' too).
     """
 
-    def __init__(self, path, rank=None):
-        super().__init__(path, COLUMNS, rank)
+    def __init__(self, path, rank=None, av=False):
+        self.columns = AV_COLUMNS if av else COLUMNS
+        super().__init__(path, self.columns, rank)
         self.done = set(self.read())
 
     def add(self, row):
-        self.append(dict(zip(COLUMNS, row_cells(row))))
+        self.append(dict(zip(self.columns, row_cells(row, self.columns))))
 
 
 # ---------------------------------------------------------------------------
