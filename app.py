@@ -5,13 +5,17 @@ their measurements and times, download the results.
     python app.py --weights save_weights/best_model.pth --port 8080
     python app.py --host 0.0.0.0 --auth-file users.txt     # a lab's server: every interface, with passwords
 
-The page runs predict.py's own steps on each photograph (``read_photo``, ``predict_photo``, ``save_outputs``,
-``measurements_table``), so what it offers for download is what ``predict.py --save-prob --overlay --measure``
-writes for the same file: ``<stem>.png``, ``<stem>_prob.png``, ``<stem>_overlay.png`` and ``measurements.csv``.
-It needs Gradio (``pip install -r requirements-extras.txt``), works without the internet (no analytics, no
-fonts or scripts from elsewhere) and keeps no photograph: an upload is deleted once its results are shown, and
-the results themselves within the hour. Without ``--weights`` it takes the model predict.py would take: on a
-fresh clone, the shipped one. docs/app.md has the options, a lab's server and a Hugging Face Space.
+The page runs predict.py's own steps on each photograph (``train_utils/prediction.py``: ``read_photo``,
+``predict_photo``, ``save_outputs``, ``measurements_table``), so what it offers for download is what
+``predict.py --save-prob --overlay --measure`` writes for the same file: ``<stem>.png``, ``<stem>_prob.png``,
+``<stem>_overlay.png`` and ``measurements.csv``; with "arteries and veins" ticked, what ``predict.py --av`` adds
+(``<stem>_av.png``, the artery and vein probabilities, the ``artery_`` and ``vein_`` measurements), from the
+artery/vein model (``--av-weights``). It needs Gradio (``pip install -r requirements-extras.txt``), works
+without the internet (no analytics, no fonts or scripts from elsewhere) and keeps no photograph: an upload is
+deleted ``--keep-uploads`` seconds after the last request that used it (a visitor who sends the same file
+meanwhile shares it), and the results within the hour. Without ``--weights`` it takes the model predict.py
+would take: on a fresh clone, the shipped one. docs/app.md has the options, a lab's server and a Hugging Face
+Space.
 """
 import argparse
 import atexit
@@ -22,6 +26,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 
 from train_utils.cli import app_parser, predict_parser, weights_or_default
@@ -50,6 +55,8 @@ QUEUE_SIZE = 16  # submissions waiting; more are refused with a message, so a cr
 # every camera, and the skeleton's counts.
 SHOWN = ("vessel_area_density", "length_density_fov", "mean_width_px", "tortuosity", "fractal_dimension",
          "segments", "junctions", "end_points")
+AV_SHOWN = tuple(f"{kind}_{name}" for name in ("vessel_area_density", "mean_width_px", "tortuosity")
+                 for kind in ("artery", "vein"))
 
 
 def gradio():
@@ -62,59 +69,76 @@ def gradio():
 
 
 class Segmenter:
-    """The model, loaded once, and the page's one action, ``segment``."""
+    """The models, loaded once (the vessels', and the arteries' and veins' when there is one), and the page's one
+    action, ``segment``."""
 
     def __init__(self, args):
-        import predict
-        from train_utils.distributed_utils import resolve_device
+        from train_utils import prediction
         from train_utils.measurements import check_available, warm_up
 
         check_available()  # the measurements' packages, before the page opens
         warm_up()  # skan compiles while the model loads and the page starts, not on the first photograph
-        self.predict = predict
+        self.prediction = prediction
         self.weights = weights_or_default(args.weights)
         self.settings = prediction_settings(args)
-        predict.check_args(self.settings)
-        onnx = self.weights.lower().endswith(".onnx")
-        self.net = predict.open_network(self.weights, resolve_device("cpu" if onnx else args.device), self.settings)
+        prediction.check_args(self.settings)
+        self.net = self._open(self.weights, args.device)
+        self.av_weights = av_weights(args.av_weights)
+        self.av_net = self._open(self.av_weights, args.device) if self.av_weights else None
+        if self.av_net is not None:
+            prediction.check_model(self.av_net, argparse.Namespace(av=True))
         self.tta = bool(self.net.saved.get("eval_tta", False))  # as predict.py's default
-        self.settings.threshold = self.net.threshold  # the model's own decision threshold, as predict.py's
         self.max_pixels = args.max_megapixels * 1e6
+        self.uploads = Uploads(args.keep_uploads)
+        atexit.register(self.uploads.sweep, True)
         self.work_dir = tempfile.mkdtemp(prefix="unet-app-")
         atexit.register(shutil.rmtree, self.work_dir, True)
+
+    def _open(self, weights, device):
+        from train_utils.distributed_utils import resolve_device
+        onnx = weights.lower().endswith(".onnx")
+        return self.prediction.open_network(weights, resolve_device("cpu" if onnx else device), self.settings)
 
     def describe(self):
         import src
         shown = os.path.relpath(self.weights)
         return f"{src.describe(**self.net.kwargs)} from '{self.weights if shown.startswith('..') else shown}'"
 
-    def segment(self, photos, masks, tta):
+    def segment(self, photos, masks, tta, av=False):
         """For the photographs (and FOV masks) dropped: yields the page's outputs after each photograph (the
-        gallery, the measurements, the downloads, the status; the upload boxes emptied at the end), then
-        deletes the uploads and its own copies, once the last outputs are in Gradio's cache."""
+        gallery, the measurements, the downloads, the status; the upload boxes emptied at the end), with
+        ``av`` from the artery/vein model. The uploads are held while it works (``Uploads``) and its own
+        copies deleted once the last outputs are in Gradio's cache."""
         gr = gradio()
         photos, masks = unique(photos), unique(masks)
         folder = tempfile.mkdtemp(dir=self.work_dir)
+        self.uploads.hold(photos + masks)
         try:
             if not photos:
                 raise gr.Error("Drop one or more photographs first.")
             if len(photos) > MAX_PHOTOS:
                 raise gr.Error(f"{len(photos)} photographs dropped: the page takes {MAX_PHOTOS} at a time "
                                "(predict.py takes a folder of any size).")
-            yield from self._segment(gr, photos, masks, bool(tta), folder)
+            gone = [os.path.basename(p) for p in photos + masks if not os.path.isfile(p)]
+            if gone:
+                raise gr.Error(f"{', '.join(gone)}: no longer on the server (uploads are deleted "
+                               f"{self.uploads.keep_s:g} s after their results are shown); drop again.")
+            if av and self.av_net is None:
+                raise gr.Error("This page has no artery/vein model (start it with --av-weights).")
+            yield from self._segment(gr, photos, masks, bool(tta), folder, bool(av))
         finally:
-            for path in photos + masks:
-                remove_upload(path)
+            self.uploads.release(photos + masks)
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _segment(self, gr, photos, masks, tta, folder):
-        predict, net = self.predict, self.net
-        settings = argparse.Namespace(**{**vars(self.settings), "tta": tta, "output_dir": os.path.join(folder, "out")})
+    def _segment(self, gr, photos, masks, tta, folder, av):
+        prediction, net = self.prediction, self.av_net if av else self.net
+        settings = argparse.Namespace(**{**vars(self.settings), "tta": tta, "output_dir": os.path.join(folder, "out"),
+                                         "av": av, "threshold": net.threshold})  # the model's own threshold
         readable = Readable(photos + masks, folder)
         try:
             mask_files = match_masks(photos, masks, os.path.join(folder, "masks"))
-            plans = predict.output_paths(settings, photos, [m for m in mask_files if isinstance(m, str)])
-            table = predict.measurements_table(settings, plans, photos)
+            plans = prediction.output_paths(settings, photos, [m for m in mask_files if isinstance(m, str)])
+            table = prediction.measurements_table(settings, plans, photos)
         except UserError as e:
             raise gr.Error(readable(e)) from None
         done, lines = [], []
@@ -124,10 +148,10 @@ class Segmenter:
                 if isinstance(mask_file, Exception):
                     raise mask_file
                 check_pixels(path, self.max_pixels)
-                photo = predict.read_photo(path, mask_file, net.fov_diameter, net.multiple, net.kwargs["model"],
-                                           net.fov_diameter_max)
-                probs, tiles = predict.predict_photo(net, photo, settings)
-                predict.save_outputs(probs, photo.image, photo.fov, plan, settings, table, stem_of(path))
+                photo = prediction.read_photo(path, mask_file, net.fov_diameter, net.multiple, net.kwargs["model"],
+                                              net.fov_diameter_max)
+                probs, tiles = prediction.predict_photo(net, photo, settings)
+                prediction.save_outputs(probs, photo.image, photo.fov, plan, settings, table, stem_of(path))
                 del probs
             except Exception as e:  # noqa: BLE001 - that photograph's failure, shown on the page; the rest go on
                 lines.append(f"**{name}**: {readable(e)}")
@@ -139,26 +163,32 @@ class Segmenter:
             lines.append(f"**{name}**: {w}x{h}" + (f", {tiles} tiles" if tiles > 1 else "")
                          + photo.note.replace(", FOV", ", field of view") + f", {seconds:.2f} s")
             del photo
-            yield self.outputs(gr, done, lines, table, last=False)
+            yield self.outputs(gr, done, lines, table, settings, last=False)
         if not done:
-            yield self.outputs(gr, done, lines, table, last=True)
+            yield self.outputs(gr, done, lines, table, settings, last=True)
             raise gr.Error(" ".join(ln.replace("**", "") for ln in lines))
-        yield self.outputs(gr, done, lines, table, last=True)
+        yield self.outputs(gr, done, lines, table, settings, last=True)
 
-    def outputs(self, gr, done, lines, table, last):
+    def outputs(self, gr, done, lines, table, settings, last):
         """(gallery, measurements, downloads, status, photographs box, masks box) for the page."""
         gallery, files = [], []
-        for name, (mask, prob, overlay), _ in done:
-            gallery += [(overlay, f"{name}: vessels"), (prob, f"{name}: probability"), (mask, f"{name}: mask")]
-            files += [mask, prob, overlay]
+        for name, plan, _ in done:
+            if settings.av:
+                gallery += [(plan.overlay, f"{name}: arteries (red) and veins (blue)"),
+                            (plan.av, f"{name}: artery/vein map")]
+            else:
+                gallery += [(plan.overlay, f"{name}: vessels")]
+            gallery += [(plan.prob, f"{name}: probability"), (plan.mask, f"{name}: mask")]
+            files += plan.written(settings)
+        shown = SHOWN + (AV_SHOWN if settings.av else ())
         rows = table.read()
-        data = [[name, f"{seconds:.2f}"] + [rows[stem_of(name)][c] for c in SHOWN]
+        data = [[name, f"{seconds:.2f}"] + [rows[stem_of(name)][c] for c in shown]
                 for name, _, seconds in done]
         if done:
             files.append(table.path)
         status = "\n\n".join(lines) + ("" if last else "\n\nworking on the next photograph ...")
         keep = gr.update() if not last else None  # the uploads are deleted: their boxes emptied
-        return gallery, {"headers": ["photograph", "seconds", *SHOWN], "data": data}, files, status, keep, keep
+        return gallery, {"headers": ["photograph", "seconds", *shown], "data": data}, files, status, keep, keep
 
 
 def prediction_settings(args):
@@ -215,6 +245,19 @@ class Readable:
         return text.replace(os.path.join(self.folder, "out") + os.sep, "").replace(self.folder + os.sep, "")
 
 
+def av_weights(path):
+    """The artery/vein model the page offers: ``--av-weights``, else the shipped one when it is there ('' none);
+    a file named but missing is one error line."""
+    if path == "":
+        return ""
+    if path is not None:
+        if not os.path.isfile(path):
+            raise UserError(f"--av-weights '{path}' not found")
+        return path
+    from train_utils.cli import SHIPPED_AV_WEIGHTS
+    return SHIPPED_AV_WEIGHTS if os.path.isfile(SHIPPED_AV_WEIGHTS) else ""
+
+
 def remove_upload(path):
     """Delete an uploaded file and the folder Gradio made for it, when empty."""
     try:
@@ -222,6 +265,52 @@ def remove_upload(path):
         os.rmdir(os.path.dirname(path))
     except OSError:
         pass
+
+
+class Uploads:
+    """The uploads of the page's requests, each deleted ``keep_s`` seconds after the last request using it ended.
+
+    Gradio stores an upload under its content's hash, so visitors who send the same photograph share one
+    file: a request holds its files while it works, and a file is deleted only when no request holds it
+    and none has used it for ``keep_s`` seconds, long enough for a request queued behind with the same
+    bytes to start and hold it too.
+    """
+
+    def __init__(self, keep_s):
+        if not keep_s >= 0:
+            raise UserError(f"--keep-uploads must be 0 or more seconds (got {keep_s:g})")
+        self.keep_s = keep_s
+        self.lock = threading.Lock()
+        self.users = {}  # path -> the requests working on it now
+        self.released = {}  # path -> when the last request using it ended
+
+    def hold(self, paths):
+        with self.lock:
+            for path in paths:
+                self.users[path] = self.users.get(path, 0) + 1
+                self.released.pop(path, None)
+
+    def release(self, paths):
+        now = time.monotonic()
+        with self.lock:
+            for path in paths:
+                self.users[path] -= 1
+                if not self.users[path]:
+                    del self.users[path]
+                    self.released[path] = now
+        self.sweep()
+        timer = threading.Timer(self.keep_s + 0.1, self.sweep)  # the deletion, even if no request comes again
+        timer.daemon = True
+        timer.start()
+
+    def sweep(self, everything=False):
+        """Delete the uploads no request has used for ``keep_s`` seconds (``everything``: all not in use)."""
+        now = time.monotonic()
+        with self.lock:
+            due = [p for p, t in self.released.items() if everything or now - t >= self.keep_s]
+            for path in due:
+                del self.released[path]
+                remove_upload(path)
 
 
 # ---------------------------------------------------------------------------
@@ -234,12 +323,18 @@ def about(segmenter, card):
                                                                                    "unet_vessels.pth"))
     what = ("the U-Net shipped with this project, trained on DRIVE, CHASE_DB1, STARE and HRF" if shipped
             else f"{segmenter.describe()}")
+    if segmenter.av_net is not None:
+        what += (", and tells arteries from veins with a second shipped U-Net"
+                 if os.path.realpath(segmenter.av_weights) == os.path.realpath(os.path.join(HERE, "weights",
+                                                                                           "unet_av.pth"))
+                 else f", and arteries from veins with {segmenter.av_weights}")
     link = " Its [model card](#model-card), below, says what it was trained on and how well it does." \
         if shipped and card else ""
     return (f"Marks the retinal vessels of fundus photographs with {what}. **For research and teaching, not "
             f"for diagnosis**: it is not a medical device, and its masks and measurements must not decide any "
-            f"patient's care.{link} Photographs are deleted from the server once their results are shown; the "
-            "results stay downloadable for an hour.")
+            f"patient's care.{link} Photographs are deleted from the server "
+            f"{segmenter.uploads.keep_s:g} seconds after their results are shown; the results stay downloadable "
+            "for an hour.")
 
 
 def model_card():
@@ -270,11 +365,14 @@ def build_page(segmenter):
                     "view is estimated from the dark border.")
         with gr.Row():
             tta = gr.Checkbox(value=segmenter.tta, label="Average over flips (about 3 times slower)")
+            av = gr.Checkbox(value=segmenter.av_net is not None, visible=segmenter.av_net is not None,
+                             label="Arteries (red) and veins (blue)", elem_id="av")
             run = gr.Button("Find the vessels", variant="primary", elem_id="run")
         status = gr.Markdown(elem_id="status")
-        gallery = gr.Gallery(label="Each photograph: the vessels found (green) and the measured skeleton (yellow; "
-                                   "junctions red, end points blue), the vessel probability (white: 1), the mask. "
-                                   "Click one to enlarge it.", columns=3, height="auto", object_fit="contain",
+        gallery = gr.Gallery(label="Each photograph: the vessels found (green; ticked, arteries red and veins "
+                                   "blue, and their map) and the measured skeleton (yellow; junctions red, end "
+                                   "points blue), the vessel probability (white: 1), the mask. Click one to "
+                                   "enlarge it.", columns=3, height="auto", object_fit="contain",
                              elem_id="results")
         measurements = gr.Dataframe(label="Measurements (docs/measurements.md; every column in measurements.csv); "
                                           "seconds: the time the photograph took", headers=["photograph", "seconds",
@@ -285,7 +383,7 @@ def build_page(segmenter):
         if card:
             with gr.Accordion("Model card", open=False, elem_id="model-card"):
                 gr.Markdown(card)
-        run.click(segmenter.segment, [photos, masks, tta], [gallery, measurements, files, status, photos, masks],
+        run.click(segmenter.segment, [photos, masks, tta, av], [gallery, measurements, files, status, photos, masks],
                   api_name="segment", concurrency_limit=1)
     return page.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
 

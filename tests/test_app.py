@@ -1,6 +1,7 @@
 """app.py, the web page: started on a free port and called over real HTTP (gradio_client), then in a real
-browser (the system's headless Chromium, driven by Selenium): predict.py's files for the same photograph, a
-readable line for each bad input, nothing of an upload kept, and nothing fetched from elsewhere."""
+browser (the system's headless Chromium, driven by Selenium): predict.py's files for the same photograph (also
+with arteries and veins), a readable line for each bad input, clients at once with the same photograph,
+nothing of an upload kept, and nothing fetched from elsewhere."""
 import hashlib
 import os
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
 import numpy as np
@@ -18,12 +20,14 @@ from PIL import Image
 
 from tests.conftest import ROOT, run_script
 from tests.test_cohort import checkpoint, photographs
+from tests.test_predict import spread_unet, write_checkpoint
 
 EXTRAS = "the page needs the optional extras (requirements-extras.txt)"
 pytest.importorskip("gradio", reason=EXTRAS)
 gradio_client = pytest.importorskip("gradio_client", reason=EXTRAS)
 # .ci/run installs Chromium and sets this: there the browser test must run, never skip.
 REQUIRE_BROWSER = os.environ.get("UNET_REQUIRE_BROWSER", "") not in ("", "0")
+KEEP_UPLOADS_S = 3  # the page's --keep-uploads here: long enough for the queue to hand a shared upload on
 
 
 def free_port():
@@ -48,12 +52,14 @@ def server(tmp_path_factory):
     temp = root / "tmp"
     temp.mkdir()
     weights = checkpoint(root / "tiny.pth")
+    av_weights = write_checkpoint(root / "tiny_av.pth", spread_unet(3, seed=1), 2)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TMPDIR=str(temp))
     env.pop("GRADIO_TEMP_DIR", None)
     log = open(root / "app.log", "w")
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "app.py"), "--weights", weights, "--port",
-                             str(free_port()), "--device", "cpu"], cwd=ROOT, env=env, stdout=log,
+                             str(free_port()), "--device", "cpu", "--av-weights", av_weights, "--keep-uploads",
+                             str(KEEP_UPLOADS_S)], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     url = None
     while url is None and time.perf_counter() - t0 < 120 and proc.poll() is None:
@@ -62,7 +68,8 @@ def server(tmp_path_factory):
             if line.startswith("the page is at "):
                 url = line.split()[4]
     assert url, (root / "app.log").read_text()
-    yield {"url": url, "root": root, "temp": temp, "weights": weights, "proc": proc, "log": root / "app.log",
+    yield {"url": url, "root": root, "temp": temp, "weights": weights, "av_weights": av_weights, "proc": proc,
+           "log": root / "app.log",
            "started_s": time.perf_counter() - t0}
     if proc.poll() is None:
         proc.kill()
@@ -74,11 +81,21 @@ def client(server, tmp_path):
     return gradio_client.Client(server["url"], download_files=str(tmp_path / "downloads"), verbose=False)
 
 
-def segment(server, tmp_path, photos, masks=None, tta=False):
+def segment(server, tmp_path, photos, masks=None, tta=False, av=False):
     handle = gradio_client.handle_file
     return client(server, tmp_path).predict([handle(str(p)) for p in photos],
-                                            [handle(str(m)) for m in masks] if masks else None, tta,
+                                            [handle(str(m)) for m in masks] if masks else None, tta, av,
                                             api_name="/segment")
+
+
+def uploads_gone(server, photo, wait_s=KEEP_UPLOADS_S + 10):
+    """Whether, within ``wait_s``, no file under the page's temporary folder holds ``photo``'s bytes."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < wait_s:
+        if sha(photo) not in {sha(f) for f in files_under(server["temp"]) if os.path.isfile(f)}:
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def test_the_page_gives_predict_pys_files_and_keeps_no_upload(server, tmp_path):
@@ -99,8 +116,9 @@ def test_the_page_gives_predict_pys_files_and_keeps_no_upload(server, tmp_path):
     assert row[0] == "p00.png" and float(row[1]) > 0
     assert "**p00.png**: 90x96" in status and status.endswith(" s")
     assert photos_box is None and masks_box is None  # the upload boxes are emptied: their files are gone
-    # Nothing of the upload is left on the server: no file holds its bytes, and the page's own copies are gone.
-    assert sha(photo) not in {sha(f) for f in files_under(server["temp"])}
+    # Nothing of the upload is left on the server after --keep-uploads seconds: no file holds its bytes, and the
+    # page's own copies are gone.
+    assert uploads_gone(server, photo)
     work = [d for d in os.listdir(server["temp"]) if d.startswith("unet-app-")]
     assert len(work) == 1 and os.listdir(server["temp"] / work[0]) == []
 
@@ -120,6 +138,42 @@ def test_several_photographs_with_their_fov_masks(server, tmp_path):
         mask = np.array(Image.open(next(f for f in files if os.path.basename(f) == f"p0{k}.png")))
         assert mask[:, :45].any() and not mask[:, 45:].any()
     assert "estimated" not in status
+
+
+def test_arteries_and_veins_on_the_page_are_predict_av_files(server, tmp_path):
+    photo = os.path.join(photographs(tmp_path / "in", 1), "p00.png")
+    gallery, table, files, status, _, _ = segment(server, tmp_path, [photo], av=True)
+    by_name = {os.path.basename(f): f for f in files}
+    assert sorted(by_name) == ["measurements.csv", "p00.png", "p00_artery_prob.png", "p00_av.png",
+                               "p00_overlay.png", "p00_prob.png", "p00_vein_prob.png"]
+    r = run_script("predict.py", "--av", "--weights", server["av_weights"], "--img", photo, "--output-dir",
+                   tmp_path / "out", "--device", "cpu", "--save-prob", "--overlay", "--measure")
+    assert r.returncode == 0, r.stderr
+    for name, path in by_name.items():
+        assert sha(path) == sha(tmp_path / "out" / name), name
+    assert set(np.unique(np.array(Image.open(by_name["p00_av.png"])))) == {0, 1, 2}
+    assert [os.path.basename(item["image"]) for item in gallery] == ["p00_overlay.png", "p00_av.png",
+                                                                     "p00_prob.png", "p00.png"]
+    assert {"artery_vessel_area_density", "vein_mean_width_px"} <= set(table["headers"])
+
+
+def test_clients_at_once_with_the_same_photograph_each_get_their_result(server, tmp_path):
+    """Gradio stores identical uploads once: 8 clients sending the same photograph and 8 sending their own,
+    all at the same moment, all get results (16 fit the page's queue), the same for the same photograph."""
+    same = os.path.join(photographs(tmp_path / "same", 1, first_seed=40), "p00.png")
+    distinct = [os.path.join(photographs(tmp_path / f"d{k}", 1, first_seed=50 + k), "p00.png") for k in range(8)]
+    jobs = [(same, k) for k in range(8)] + [(p, 8 + k) for k, p in enumerate(distinct)]
+
+    def one(job):
+        path, k = job
+        return segment(server, tmp_path / f"client{k}", [path])
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(one, jobs))
+    masks = [next(f for f in files if os.path.basename(f) == "p00.png") for _, _, files, _, _, _ in results]
+    assert len({sha(m) for m in masks[:8]}) == 1  # the same photograph, the same mask, eight times
+    assert all(status.startswith("**p00.png**") for _, _, _, status, _, _ in results)
+    assert uploads_gone(server, same) and all(uploads_gone(server, p) for p in distinct)
 
 
 def write_48_megapixel_header(path):
@@ -169,7 +223,7 @@ def test_bad_inputs_get_one_readable_line_and_the_page_goes_on(server, tmp_path)
         assert message in status
     assert server["proc"].poll() is None  # still serving
     for path in cases:
-        assert sha(path) not in {sha(f) for f in files_under(server["temp"])}
+        assert uploads_gone(server, path)
 
 
 def browser():
