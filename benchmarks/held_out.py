@@ -1,5 +1,5 @@
-"""The photographs the shipped model (weights/unet_vessels.pth, docs/model_card.md) never trained on: what
-the benchmarks score it on by default."""
+"""The photographs the shipped models (weights/unet_vessels.pth, weights/unet_av.pth, docs/model_card.md)
+never trained on: what the benchmarks score them on by default."""
 import os
 import sys
 
@@ -18,6 +18,8 @@ TRAINED_ON = {
     "stare": {"im0001", "im0002", "im0004", "im0077", "im0082", "im0139"},
     "hrf": {f"{n:02d}_{kind}" for n in range(2, 6) for kind in ("h", "g", "dr")},
 }
+# The artery/vein model (weights/unet_av.pth) trained on the same DRIVE and HRF photographs.
+TRAINED_ON["drive_av"], TRAINED_ON["hrf_av"] = TRAINED_ON["drive"], TRAINED_ON["hrf"]
 
 
 def held_out_samples(name, root, stems=None):

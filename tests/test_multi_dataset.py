@@ -257,6 +257,17 @@ def test_torch_hub_loads_the_shipped_model():
     assert math.isfinite(out.abs().max().item())
 
 
+def test_torch_hub_loads_the_shipped_artery_vein_model():
+    model = torch.hub.load(ROOT, "unet_av", source="local")
+    saved = safe_load(cli.SHIPPED_AV_WEIGHTS)["args"]
+    assert not model.training and saved["dataset"][:2] == ["drive_av", "hrf_av"] and saved["num_classes"] == 2
+    assert model.vessel_threshold == saved["vessel_threshold"] and 0 < model.fov_diameter < model.fov_diameter_max
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 64, 80))["out"]
+    assert out.shape == (1, 3, 64, 80) and math.isfinite(out.abs().max().item())
+    assert os.path.getsize(cli.SHIPPED_AV_WEIGHTS) < 20e6
+
+
 @pytest.mark.parametrize("content", [None, b"not a checkpoint at all" * 10])
 def test_missing_or_corrupt_shipped_model_is_a_clear_error(tmp_path, monkeypatch, content):
     path = tmp_path / "unet_vessels.pth"
