@@ -44,10 +44,7 @@ from train_utils.distributed_utils import resolve_device  # noqa: E402
 from train_utils.errors import UserError, run_cli  # noqa: E402
 from train_utils.imaging import ARTERY, AV_UNCERTAIN, VEIN, read_av_label, stem_of  # noqa: E402
 from train_utils.inference import predicted_classes  # noqa: E402
-
-# The counts of one photograph: artery tp, fp, fn; vein tp, fp, fn; A/V right, scored; vessel tp, fp, fn.
-COUNTS = 11
-
+from train_utils.metrics import ArteryVeinMetrics  # noqa: E402
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,27 +62,21 @@ def get_args_parser():
     return parser
 
 
-def counts_of(classes, label, fov):
-    """The ``COUNTS`` of a predicted class map (0, ``ARTERY``, ``VEIN``) against an artery/vein label, in the FOV."""
-    known = fov & (label != AV_UNCERTAIN) & (label != 255)
-    out = []
-    for cls in (ARTERY, VEIN):
-        p, t = known & (classes == cls), known & (label == cls)
-        out += [np.count_nonzero(p & t), np.count_nonzero(p & ~t), np.count_nonzero(~p & t)]
-    scored = known & (label != 0) & (classes != 0)
-    out += [np.count_nonzero(scored & (classes == label)), np.count_nonzero(scored)]
-    vessel, truth = fov & (classes != 0), fov & (label != 0) & (label != 255)
-    out += [np.count_nonzero(vessel & truth), np.count_nonzero(vessel & ~truth), np.count_nonzero(~vessel & truth)]
-    return np.array(out, dtype=np.int64)
-
-
-def scores(c):
-    """artery F1, vein F1, their mean, A/V accuracy, vessel dice of summed ``COUNTS``."""
-    def f1(tp, fp, fn):
-        return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
-    artery, vein = f1(*c[0:3]), f1(*c[3:6])
-    return {"artery_f1": artery, "vein_f1": vein, "mean_f1": (artery + vein) / 2,
-            "av_accuracy": c[6] / c[7] if c[7] else float("nan"), "vessel_dice": f1(*c[8:11])}
+def scores(classes, label, fov):
+    """artery F1, vein F1, their mean and A/V accuracy (``ArteryVeinMetrics``) and the vessel dice of a predicted
+    class map (0, ``ARTERY``, ``VEIN``) against an artery/vein label, inside the FOV, pooled over the lists'
+    photographs."""
+    metrics = ArteryVeinMetrics()
+    vessel = [0, 0, 0]  # tp, fp, fn
+    for c, t, f in zip(classes, label, fov):
+        metrics.update_classes(torch.from_numpy(c), torch.from_numpy(np.where(f & (t != AV_UNCERTAIN), t, 255)))
+        found, truth = f & (c != 0), f & (t != 0) & (t != 255)
+        vessel = [v + n for v, n in zip(vessel, (np.count_nonzero(found & truth), np.count_nonzero(found & ~truth),
+                                                 np.count_nonzero(~found & truth)))]
+    out = metrics.compute()
+    out["mean_f1"] = (out["artery_f1"] + out["vein_f1"]) / 2
+    out["vessel_dice"] = 2 * vessel[0] / (2 * vessel[0] + vessel[1] + vessel[2]) if any(vessel) else float("nan")
+    return out
 
 
 def error_picture(image, classes, label, fov):
@@ -130,7 +121,7 @@ def main(args):
 def score_dataset(net, opts, name, root, stems, pictures, variants):
     """[(threshold, the table's lines)] of one dataset: the network runs once a photograph."""
     samples = held_out_samples(name, root, stems)
-    totals = {v: np.zeros(COUNTS, np.int64) for v in variants}
+    maps = {v: [] for v in variants}  # (classes, label, FOV) of each photograph: pooled at the end
     rows = {v: [] for v in variants}
     seconds = 0.0
     for sample in samples:
@@ -142,9 +133,8 @@ def score_dataset(net, opts, name, root, stems, pictures, variants):
         label = read_av_label(sample.label, sample.image, probs.shape[1:])
         for threshold in variants:
             classes = predicted_classes(probs, threshold).numpy()
-            counts = counts_of(classes, label, photo.fov)
-            totals[threshold] += counts
-            rows[threshold].append((stem_of(sample.image), scores(counts)))
+            maps[threshold].append((classes, label, photo.fov))
+            rows[threshold].append((stem_of(sample.image), scores([classes], [label], [photo.fov])))
             if pictures and threshold == variants[0]:
                 os.makedirs(pictures, exist_ok=True)
                 Image.fromarray(error_picture(photo.image, classes, label, photo.fov)).save(
@@ -152,7 +142,7 @@ def score_dataset(net, opts, name, root, stems, pictures, variants):
     print(f"{name}: {seconds / len(samples):.2f} s a photograph")
     out = []
     for variant in variants:
-        pooled, worst = scores(totals[variant]), min(rows[variant], key=lambda r: r[1]["mean_f1"])
+        pooled, worst = scores(*zip(*maps[variant])), min(rows[variant], key=lambda r: r[1]["mean_f1"])
         lines = [f"| {name} | {len(rows[variant])} | {pooled['artery_f1']:.3f} | {pooled['vein_f1']:.3f} | "
                  f"{pooled['mean_f1']:.3f} | {pooled['av_accuracy']:.3f} | {pooled['vessel_dice']:.3f} | "
                  f"{worst[0]} {worst[1]['mean_f1']:.3f} |"]

@@ -294,9 +294,14 @@ class ArteryVeinMetrics:
         """Accumulate one batch: logits [N, 3, H, W] (background, artery, vein), target [N, H, W]."""
         if logits.dim() != 4 or logits.shape[1] != 3:
             raise ValueError(f"expected logits [N, 3, H, W] (background, artery, vein), got {tuple(logits.shape)}")
-        target = target.to(logits.device)
+        self.update_classes(logits.argmax(1), target)
+
+    @torch.no_grad()
+    def update_classes(self, pred, target):
+        """Accumulate predicted classes (0, 1 artery, 2 vein; any shape, e.g. a thresholded map) against
+        ``target`` of the same shape."""
+        target = target.to(pred.device)
         valid = target != self.ignore_index
-        pred = logits.argmax(1)
         parts = []
         for cls in (1, 2):
             p, t = valid & (pred == cls), valid & (target == cls)
