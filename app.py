@@ -56,7 +56,7 @@ QUEUE_SIZE = 16  # submissions waiting; more are refused with a message, so a cr
 SHOWN = ("vessel_area_density", "length_density_fov", "mean_width_px", "tortuosity", "fractal_dimension",
          "segments", "junctions", "end_points")
 AV_SHOWN = tuple(f"{kind}_{name}" for name in ("vessel_area_density", "mean_width_px", "tortuosity")
-                 for kind in ("artery", "vein"))
+                 for kind in ("artery", "vein")) + ("crae_px", "crve_px", "avr", "calibre_qc")
 
 
 def gradio():
@@ -370,9 +370,10 @@ def build_page(segmenter):
             run = gr.Button("Find the vessels", variant="primary", elem_id="run")
         status = gr.Markdown(elem_id="status")
         gallery = gr.Gallery(label="Each photograph: the vessels found (green; ticked, arteries red and veins "
-                                   "blue, and their map) and the measured skeleton (yellow; junctions red, end "
-                                   "points blue), the vessel probability (white: 1), the mask. Click one to "
-                                   "enlarge it.", columns=3, height="auto", object_fit="contain",
+                                   "blue, and their map, with the optic disc in green, zone B between the cyan "
+                                   "circles and each vessel's calibre in pixels) and the measured skeleton "
+                                   "(yellow; junctions red, end points blue), the vessel probability (white: 1), "
+                                   "the mask. Click one to enlarge it.", columns=3, height="auto", object_fit="contain",
                              elem_id="results")
         measurements = gr.Dataframe(label="Measurements (docs/measurements.md; every column in measurements.csv); "
                                           "seconds: the time the photograph took", headers=["photograph", "seconds",

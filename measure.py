@@ -16,9 +16,11 @@ scikit-image and skan (``pip install -r requirements-extras.txt``).
 
 With ``--av`` the masks are artery/vein maps (``predict.py --av``'s
 ``<stem>_av.png``) or labels, and the row adds the arteries' and the veins'
-measurements (``artery_`` and ``vein_`` columns)::
+measurements (``artery_`` and ``vein_`` columns), the optic disc and the
+calibres CRAE, CRVE and AVR; with ``--img`` the disc and the vessels'
+widths are read in the photograph, as predict.py reads them::
 
-    python measure.py --av --masks predictions --roi-mask DRIVE/test/mask --output-dir measured
+    python measure.py --av --masks predictions --img DRIVE/test/images --roi-mask DRIVE/test/mask --output-dir measured
 """
 import os
 import time
@@ -137,7 +139,7 @@ def main(args):
         vessels = classes != 0 if args.av else read_mask(path)
         fov, image, note = field_of_view(vessels, roi, photo, path)
         units = (args.pixel_size, args.fov_angle, args.measure_diameter)
-        measured = (measure_av(classes, fov, row_name(path, True), *units) if args.av
+        measured = (measure_av(classes, fov, row_name(path, True), *units, image=image) if args.av
                     else measure(vessels, fov, stem_of(path), *units))
         if args.overlay:
             picture = draw_measurement(overlay_picture(vessels & fov, image, classes), measured)

@@ -154,7 +154,9 @@ def test_arteries_and_veins_on_the_page_are_predict_av_files(server, tmp_path):
     assert set(np.unique(np.array(Image.open(by_name["p00_av.png"])))) == {0, 1, 2}
     assert [os.path.basename(item["image"]) for item in gallery] == ["p00_overlay.png", "p00_av.png",
                                                                      "p00_prob.png", "p00.png"]
-    assert {"artery_vessel_area_density", "vein_mean_width_px"} <= set(table["headers"])
+    assert {"artery_vessel_area_density", "vein_mean_width_px", "crae_px", "avr"} <= set(table["headers"])
+    qc = table["data"][0][table["headers"].index("calibre_qc")]
+    assert qc == "ok" or qc in {"no_disc", "disc_outside_fov", "zone_outside_fov", "few_arterioles", "few_venules"}
 
 
 def test_clients_at_once_with_the_same_photograph_each_get_their_result(server, tmp_path):

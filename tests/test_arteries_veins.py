@@ -291,8 +291,11 @@ def test_predict_av_writes_the_class_map_probabilities_overlay_and_measurements(
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == AV_COLUMNS and [r["image"] for r in rows] == ["01_test", "02_test"]
     assert all(float(r["artery_vessel_area_density"]) > 0 and float(r["vein_vessel_area_density"]) > 0 for r in rows)
-    # measure.py --av on predict.py's folder takes its <stem>_av.png maps and writes the same rows
-    r = run_script("measure.py", "--av", "--masks", out, "--roi-mask", masks, "--output-dir", tmp_path / "again")
+    assert all(r["calibre_qc"] and r["disc_found_by"].startswith("photograph") for r in rows)
+    # measure.py --av on predict.py's folder takes its <stem>_av.png maps and, the disc found in the same
+    # photographs, writes the same rows
+    r = run_script("measure.py", "--av", "--masks", out, "--roi-mask", masks, "--img", images,
+                   "--output-dir", tmp_path / "again")
     assert r.returncode == 0, r.stderr
     with open(tmp_path / "again" / "measurements.csv") as f:
         assert list(csv.DictReader(f)) == rows

@@ -298,7 +298,8 @@ def predict_parser(add_help=True, doc=None):
     flag("--av", dest="av", action="store_true",
          help="arteries and veins: also write <stem>_av.png, each pixel's class (0 background, 1 artery, 2 vein) "
               "as a palette PNG (red artery, blue vein); --overlay draws them so, --save-prob adds "
-              "<stem>_artery_prob.png and <stem>_vein_prob.png, --measure adds artery_ and vein_ columns "
+              "<stem>_artery_prob.png and <stem>_vein_prob.png, --measure adds artery_ and vein_ columns, the optic "
+              "disc, CRAE, CRVE and AVR "
               "(default weights: the shipped artery/vein model weights/unet_av.pth)")
     flag("--measure", dest="measure", action="store_true",
          help=f"also measure each mask (vessel density, width, tortuosity, fractal dimension, the skeleton's "

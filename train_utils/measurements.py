@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import calibre
 from .cli import MEASURE_DIAMETER
 from .cohort import RowLog
 from .errors import UserError
@@ -44,7 +45,8 @@ COLUMNS = ("image", "fov_diameter_px", "measured_at_px", "pixel_size_um", "fov_d
 AV_MEASURED = ("vessel_area_density", "length_density_per_px", "length_density_fov", "length_density_per_mm",
                "mean_width_px", "mean_width_fov", "mean_width_um", "tortuosity", "fractal_dimension")
 AV_PREFIXES = ("artery_", "vein_")
-AV_COLUMNS = COLUMNS + tuple(prefix + name for prefix in AV_PREFIXES for name in AV_MEASURED)
+# ... and then the optic disc and the calibres of zone B's vessels (calibre.py).
+AV_COLUMNS = COLUMNS + tuple(prefix + name for prefix in AV_PREFIXES for name in AV_MEASURED) + calibre.COLUMNS
 # The features whose agreement with the experts' labels is reported (benchmarks/measure_agreement.py).
 FEATURES = ("vessel_area_density", "length_density_fov", "mean_width_fov", "tortuosity", "fractal_dimension",
             "segments", "junctions", "end_points")
@@ -274,11 +276,12 @@ def skeleton_graph(vessels, min_length, step):
 
 
 class Measurement(NamedTuple):
-    """One photograph's row (``COLUMNS``), the skeleton it was measured on (for the overlay) and the factor
-    from the photograph's pixels to the skeleton's."""
+    """One photograph's row (``COLUMNS``), the skeleton it was measured on (for the overlay), the factor
+    from the photograph's pixels to the skeleton's and, of an artery/vein map, its ``calibre.Calibres``."""
     row: dict
     graph: SkeletonGraph
     scale: float
+    calibres: object = None
 
 
 def measure(vessels, fov, name="", pixel_size=None, fov_angle=None, diameter_to=MEASURE_DIAMETER):
@@ -332,17 +335,21 @@ def measure(vessels, fov, name="", pixel_size=None, fov_angle=None, diameter_to=
     return Measurement(row, graph, factor)
 
 
-def measure_av(classes, fov, name="", pixel_size=None, fov_angle=None, diameter_to=MEASURE_DIAMETER):
+def measure_av(classes, fov, name="", pixel_size=None, fov_angle=None, diameter_to=MEASURE_DIAMETER, image=None):
     """``measure`` of an artery/vein map (uint8 ``[H, W]``: 0 background, 1 artery, 2 vein, 3 a vessel of no
     class): every column of the vessels (every class but 0), then ``AV_MEASURED`` of the arteries and of the
-    veins alone (``AV_COLUMNS``). The skeleton kept for the overlay is the vessels'."""
+    veins alone, then the disc and the calibres (``calibre.measure_calibres``; the disc found in the photograph
+    ``image``, RGB [H, W, 3], else in the vessels alone): ``AV_COLUMNS``. The skeleton kept for the overlay is
+    the vessels'; the calibres are measured on the map at its own resolution."""
     classes = np.asarray(classes)
     measured = measure(classes != 0, fov, name, pixel_size, fov_angle, diameter_to)
     row = dict(measured.row)
     for cls, prefix in ((ARTERY, AV_PREFIXES[0]), (VEIN, AV_PREFIXES[1])):
         one = measure(classes == cls, fov, name, pixel_size, fov_angle, diameter_to).row
         row.update({prefix + k: one[k] for k in AV_MEASURED})
-    return measured._replace(row=row)
+    calibres = calibre.measure_calibres(classes, fov, image, row["pixel_size_um"], row["fov_diameter_px"])
+    row.update(calibres.row)
+    return measured._replace(row=row, calibres=calibres)
 
 
 # ---------------------------------------------------------------------------
@@ -354,7 +361,8 @@ SKELETON_COLOUR, JUNCTION_COLOUR, END_COLOUR = (255, 255, 0), (255, 0, 0), (0, 1
 def draw_measurement(picture, measured):
     """``picture`` (RGB uint8 ``[H, W, 3]``, the photograph's size) with what ``measured`` (a ``Measurement``)
     measured: the skeleton in yellow, junctions as red discs, end points as blue ones, brought back to the
-    photograph's pixels; lines and discs grow with the FOV so they stay visible."""
+    photograph's pixels, and with calibres the disc, zone B and the measured vessels (``calibre.draw_calibres``);
+    lines and discs grow with the FOV so they stay visible."""
     from PIL import Image
     from scipy import ndimage
     from skimage.draw import disk
@@ -372,6 +380,8 @@ def draw_measurement(picture, measured):
     for points, colour, r in ((graph.end_points, END_COLOUR, radius * 0.7), (graph.junctions, JUNCTION_COLOUR, radius)):
         for y, x in points:
             out[disk(((y + 0.5) / factor - 0.5, (x + 0.5) / factor - 0.5), r, shape=(h, w))] = colour
+    if measured.calibres is not None:
+        out = calibre.draw_calibres(out, measured.calibres, diameter)
     return out
 
 

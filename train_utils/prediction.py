@@ -179,8 +179,9 @@ def save_outputs(probs, image, fov, plan, args, table=None, name=""):
     if table is not None:
         from .measurements import measure, measure_av
         t0 = time.perf_counter()
-        measured = (measure_av(classes, fov, name, args.pixel_size, args.fov_angle, args.measure_diameter) if av
-                    else measure(classes == 1, fov, name, args.pixel_size, args.fov_angle, args.measure_diameter))
+        units = (args.pixel_size, args.fov_angle, args.measure_diameter)
+        measured = (measure_av(classes, fov, name, *units, image=image) if av
+                    else measure(classes == 1, fov, name, *units))
         seconds = time.perf_counter() - t0
     if args.overlay:
         overlay = colour_overlay(image, classes, palette=AV_COLOURS if av else CLASS_COLOURS)
