@@ -96,15 +96,11 @@ def error_picture(image, classes, label, fov):
 def main(args):
     if len(args.data_path) != len(args.dataset):
         raise UserError("--data-path needs one folder per --dataset")
-    device = resolve_device(args.device)
-    opts = prediction_options(args.device)
     stems = set(args.images) if args.images else None
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for weights in args.weights:
         weights = weights_or_default(weights, av=True)
-        net = prediction.open_network(weights, device, opts)
-        prediction.check_model(net, argparse.Namespace(av=True))
-        opts.tta = bool(net.saved.get("eval_tta", False))
+        net, opts = open_av_model(weights, args.device)
         variants = [net.threshold if t == "model" else float(t) for t in args.threshold]
         tables = {v: [] for v in variants}
         for name, root in zip(args.dataset, args.data_path):
@@ -150,6 +146,16 @@ def score_dataset(net, opts, name, root, stems, pictures, variants):
                   f"{s['av_accuracy']:.3f} | {s['vessel_dice']:.3f} | |" for stem, s in rows[variant]]
         out.append((variant, "\n".join(lines)))
     return out
+
+
+def open_av_model(weights, device):
+    """(network, predict.py's settings) of the artery/vein model ``weights`` (a path) on ``device``, opened as
+    predict.py --av opens it, its flips averaged as its validation did."""
+    opts = prediction_options(device)
+    net = prediction.open_network(weights, resolve_device(device), opts)
+    prediction.check_model(net, argparse.Namespace(av=True))
+    opts.tta = bool(net.saved.get("eval_tta", False))
+    return net, opts
 
 
 def prediction_options(device):

@@ -33,13 +33,12 @@ sys.path.insert(0, HERE)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from artery_vein import prediction_options  # noqa: E402
+from artery_vein import open_av_model  # noqa: E402
 from held_out import TRAINED_ON, held_out_samples  # noqa: E402
 from my_dataset import DATASETS  # noqa: E402
 from train_utils import prediction  # noqa: E402
 from train_utils.calibre import measure_calibres  # noqa: E402
 from train_utils.cli import weights_or_default  # noqa: E402
-from train_utils.distributed_utils import resolve_device  # noqa: E402
 from train_utils.errors import UserError, run_cli  # noqa: E402
 from train_utils.imaging import IGNORE_INDEX, fov_diameter, read_av_label, stem_of  # noqa: E402
 from train_utils.inference import predicted_classes  # noqa: E402
@@ -65,12 +64,8 @@ def get_args_parser():
 def main(args):
     if len(args.data_path) != len(args.dataset):
         raise UserError("--data-path needs one folder per --dataset")
-    device = resolve_device(args.device)
-    opts = prediction_options(args.device)
     weights = weights_or_default(args.weights, av=True)
-    net = prediction.open_network(weights, device, opts)
-    prediction.check_model(net, argparse.Namespace(av=True))
-    opts.tta = bool(net.saved.get("eval_tta", False))
+    net, opts = open_av_model(weights, args.device)
     threshold = net.threshold if args.threshold is None else args.threshold
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads; {weights}, threshold {threshold}")
