@@ -99,7 +99,8 @@ def table(name, pairs):
     """The markdown lines of one dataset: its agreement, then each photograph's values."""
     ok = sum(p["calibre_qc"] == "ok" and lab["calibre_qc"] == "ok" for _, p, lab in pairs)
     lines = [f"\n{name}: {len(pairs)} photographs, calibre_qc ok both ways on {ok}",
-             "| value | photographs | label mean | ICC(A,1) | mean difference (SD) |", "| --- | --- | --- | --- | --- |"]
+             "| value | photographs | label mean | ICC(A,1) | mean difference (SD) |",
+             "| --- | --- | --- | --- | --- |"]
     for column in COMPARED:
         both = [(p[column], lab[column]) for _, p, lab in pairs if p[column] is not None and lab[column] is not None]
         if not both:

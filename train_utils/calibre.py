@@ -357,7 +357,7 @@ def zone_vessels(mask, fov, disc, cls, grey=None):
     then, with the photograph's green channel ``grey``, ``photograph_widths``
     there. The vessel's width is their median.
     """
-    from .measurements import resample_mask, skeleton_graph
+    from .measurements import resample_mask, skeleton_graph  # here: measurements imports this module
 
     inner, outer = zone_b(disc)
     h, w = mask.shape
