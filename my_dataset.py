@@ -339,8 +339,12 @@ class VesselDataset(Dataset):
     def __len__(self):
         return len(self.samples)
 
+    def raw(self, idx):
+        """(image uint8 [3, H, W], target uint8 [H, W]) of item ``idx`` before its transforms."""
+        return self._cache[idx] if self._cache is not None else self._load(idx)
+
     def __getitem__(self, idx):
-        img, target = self._cache[idx] if self._cache is not None else self._load(idx)
+        img, target = self.raw(idx)
         if self.transforms is not None:
             img, target = self.transforms(img, target)
         return img, target
@@ -405,6 +409,30 @@ class RepeatDataset(Dataset):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
+
+
+class SameSizeBatchSampler(Sampler):
+    """Batches of up to ``batch_size`` indices of ``sampler``, in its order, each batch of images of one size
+    (``sizes``: a key per index, e.g. the image's and the label's shapes): validation's batches, which the
+    padding of differently sized images would change. A size's last batch may be smaller."""
+
+    def __init__(self, sampler, sizes, batch_size):
+        self.sampler, self.sizes, self.batch_size = sampler, sizes, batch_size
+
+    def __iter__(self):
+        open_batches = {}
+        for index in self.sampler:
+            batch = open_batches.setdefault(self.sizes[index], [])
+            batch.append(index)
+            if len(batch) == self.batch_size:
+                yield open_batches.pop(self.sizes[index])
+        yield from open_batches.values()
+
+    def __len__(self):
+        counts = {}
+        for index in self.sampler:
+            counts[self.sizes[index]] = counts.get(self.sizes[index], 0) + 1
+        return sum(-(-n // self.batch_size) for n in counts.values())
 
 
 class BalancedSampler(Sampler):

@@ -35,10 +35,12 @@ from torch.utils.data import ConcatDataset, DataLoader, RandomSampler, Sequentia
 from torch.utils.data.distributed import DistributedSampler
 
 import src
-from my_dataset import DATASETS, BalancedSampler, RepeatDataset, VesselDataset, dataset_files, holdout
+from my_dataset import (DATASETS, BalancedSampler, RepeatDataset, SameSizeBatchSampler, VesselDataset, dataset_files,
+                        holdout)
 from train_utils import distributed_utils as utils
 from train_utils.checkpoint import (init_weights, load_checkpoint, require_checkpoint_space, resume, safe_load,
                                    save_epoch)
+from train_utils.device_data import DeviceLoader, fits_on
 from train_utils.errors import UserError, run_cli
 from train_utils.evaluation import DatasetResults, validate, write_test_metrics
 from train_utils.files import append_text, ensure_writable_folder, remove_new_empty_folders, restart_epoch_log
@@ -218,9 +220,11 @@ def build_data_loaders(s, proc, device):
     # Every pass over a DataLoader draws a seed for its workers from the loader's generator, or from the global
     # RNG when it has none: a private one keeps validation out of training's random stream, so how often a run
     # validates (--eval-every) does not change the model it trains.
-    val_loaders = [(name, DataLoader(ds, batch_size=1, num_workers=min(s.workers, 2), pin_memory=pin,
-                                     sampler=utils.ShardedEvalSampler(ds) if proc.distributed else SequentialSampler(ds),
-                                     collate_fn=VesselDataset.collate_fn, generator=torch.Generator()))
+    val_loaders = [(name, DataLoader(ds, batch_sampler=SameSizeBatchSampler(
+                        utils.ShardedEvalSampler(ds) if proc.distributed else SequentialSampler(ds),
+                        [tuple(t.shape for t in ds.raw(i)) for i in range(len(ds))], s.val_batch_size),
+                        num_workers=min(s.workers, 2), pin_memory=pin, collate_fn=VesselDataset.collate_fn,
+                        generator=torch.Generator()))
                    for name, ds in val_parts]
     if not train_parts:
         return None, val_loaders
@@ -238,6 +242,12 @@ def build_data_loaders(s, proc, device):
         train_sampler = DistributedSampler(train_dataset, shuffle=True, seed=s.seed or 0)
     else:
         train_sampler = RandomSampler(train_dataset)
+    if s.data_on_device:
+        if fits_on(train_dataset, device):
+            print(f"training batches are made on {device} from its copy of the training images (--data-on-device)")
+            return DeviceLoader(train_dataset, train_sampler, s.batch_size, device), val_loaders
+        print(f"--data-on-device: the training images do not fit in half of {device}'s free memory; the loader "
+              "makes the batches")
     train_loader = DataLoader(train_dataset, batch_size=s.batch_size, sampler=train_sampler,
                               num_workers=s.workers, pin_memory=pin, collate_fn=VesselDataset.collate_fn)
     return train_loader, val_loaders

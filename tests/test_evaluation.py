@@ -277,3 +277,29 @@ def test_distributed_validation_equals_one_process(drive_root, dataset, images, 
         assert [name for name, _ in ddp["rows"]] == image_names(dataset)  # 3 images on 2 ranks, back in order
         for (_, a), (_, b) in zip(ddp["rows"], one.rows):
             assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_same_size_batches_keep_the_order_and_never_mix_sizes():
+    from my_dataset import SameSizeBatchSampler
+
+    sizes = ["a", "b", "a", "a", "b", "a", "c", "a"]
+    batches = list(SameSizeBatchSampler(range(8), sizes, 2))
+    assert batches == [[0, 2], [1, 4], [3, 5], [6], [7]]  # each batch when it is full, then the rest
+    assert len(SameSizeBatchSampler(range(8), sizes, 2)) == len(batches)
+    assert list(SameSizeBatchSampler(range(8), sizes, 1)) == [[i] for i in range(8)]  # the tutorial's batches of 1
+
+
+def test_train_py_validates_the_same_in_batches(tmp_path):
+    from tests.conftest import run_script
+    from train_utils.synthetic import write_synthetic_drive
+
+    root = tmp_path / "data"
+    write_synthetic_drive(str(root), num_train=4, num_test=5, height=96, width=92, seed=0)
+    dice = {}
+    for b in (1, 3):
+        r = run_script("train.py", "--data-path", root, "--epochs", "1", "--base-c", "8", "--crop-size", "64",
+                       "--base-size", "92", "--device", "cpu", "--workers", "0", "--seed", "0", "--no-plots",
+                       "--val-batch-size", b, "--output-dir", tmp_path / f"b{b}")
+        assert r.returncode == 0, r.stderr
+        dice[b] = [line for line in r.stdout.splitlines() if line.startswith("dice coefficient")]
+    assert dice[1] and dice[1] == dice[3]

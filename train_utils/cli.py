@@ -125,6 +125,10 @@ def _data_flags(data):
          help="with --fov-diameter: photographs whose field of view is wider keep their own scale up to PX "
               "pixels across (a high-resolution camera's fine vessels stay wide enough to see); 0: every "
               "photograph at --fov-diameter")
+    data("--data-on-device", dest="data_on_device", action=argparse.BooleanOptionalAction,
+         help="keep the training images in the device's memory and make each batch there: the random resize, "
+              "rotation, flips and crop of its crops in one batched resample (crop-first, as --crop-first), "
+              "no loader workers; the same crops as --crop-first for a seed")
     data("--base-size", dest="base_size", type=int, metavar="PX", help="random resize of the shorter side to "
          "--scale-range x this (default: the dataset's; drive 565, else the median shorter side of the training "
          "images; 0, the default with --fov-diameter: each image's own shorter side at its working scale)")
@@ -206,6 +210,9 @@ def _evaluation_flags(evaluation):
                help="validate every N epochs (and always after the last one)")
     evaluation("--tile-size", dest="val_tile_size", type=int, metavar="PX", aliases=("--val-tile-size",),
                help="validation images larger than this are predicted in tiles, as predict.py does (0: never)")
+    evaluation("--val-batch-size", dest="val_batch_size", type=int, metavar="N",
+               help="validation images per forward pass, images of one size together (the scores are the same "
+                    "for any N; a GPU is busier with several)")
     evaluation("--test-only", dest="test_only", action="store_true",
                help="only evaluate the weights of --resume (or --weights) on the test split")
 

@@ -50,7 +50,7 @@ TUTORIAL = dict(
     # data
     data_path="./", dataset="drive", val_split=0, val_seed=0, val_images=None, fov="estimate", num_classes=1,
     fov_diameter=0, fov_diameter_max=0, base_size=None, crop_size=None, scale_range=SCALE_RANGE, mean=None,
-    std=None, workers=None,
+    std=None, workers=None, data_on_device=False,
     # model
     model="unet", base_c=32, pretrained_backbone="", init_weights="", channels_last=None, compile=False,
     # optimisation
@@ -62,7 +62,7 @@ TUTORIAL = dict(
     # loss: the tutorial's cross-entropy + dice, plus this weight of the skeleton recall loss
     skeleton_recall=0.0,
     # evaluation
-    eval_tta=False, eval_every=1, val_tile_size=1024, test_only=False,
+    eval_tta=False, eval_every=1, val_tile_size=1024, val_batch_size=1, test_only=False,
     # output
     output_dir="save_weights", resume="", save_best=True, print_freq=1, plots=True, tensorboard=False,
     demo=False, debug=False,
@@ -99,7 +99,7 @@ RUN_KEYS = ("recipe",) + tuple(sorted({k for r in RECIPES.values() for k in r} -
                                        | {"scale_range", "crop_first", "noise", "skeleton_recall"}))
 # Settings whose value depends on the machine: a checkpoint stores what was asked for (e.g. amp None, "where
 # it is faster"), so the machine that resumes decides again.
-MACHINE_KEYS = ("device", "amp", "amp_dtype", "workers", "channels_last")
+MACHINE_KEYS = ("device", "amp", "amp_dtype", "workers", "channels_last", "data_on_device")
 
 SOURCES = ("default", "recipe", "dataset", "demo", "checkpoint", "flag", "derived")
 
@@ -311,7 +311,7 @@ def derive(values, machine):
     if values["workers"] is None:
         out["workers"] = default_workers(device_type, values["batch_size"])
     if values["crop_first"] is None:  # a rotation's geometry is sampled crop-first; the tutorial's stays a chain
-        out["crop_first"] = values["rotate"] > 0
+        out["crop_first"] = values["rotate"] > 0 or bool(values["data_on_device"])
     channels_last = values["channels_last"]
     out["channels_last"] = (default_channels_last(device_type, out["amp_dtype"]) if channels_last is None
                             else channels_last)
@@ -323,7 +323,7 @@ def derive(values, machine):
 def check_values(v):
     """Reject impossible settings before any work starts or anything is written."""
     for name in ("num_classes", "batch_size", "epochs", "crop_size", "base_c", "print_freq", "crops_per_image",
-                 "eval_every"):
+                 "eval_every", "val_batch_size"):
         if v.get(name) is not None and min(per_dataset(v[name])) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {_shown(v[name])})")
     for name in ("lr", "momentum", "weight_decay"):
@@ -344,6 +344,8 @@ def check_values(v):
                         f"(got {v['fov_diameter']})")
     if not 0 <= v["rotate"] <= 180:
         raise UserError(f"--rotate must be in [0, 180] degrees (got {v['rotate']})")
+    if v.get("data_on_device") and v.get("crop_first") is False:
+        raise UserError("--data-on-device samples each crop in one resample (crop-first): drop --no-crop-first")
     lo, hi = v["scale_range"]
     if not 0 < lo <= hi:
         raise UserError(f"--scale-range needs 0 < MIN <= MAX (got {lo:g} {hi:g})")

@@ -317,7 +317,7 @@ class RandomNoise(v2.Transform):
     def transform(self, inpt, params):
         if not isinstance(inpt, tv_tensors.Image) or params["sigma"] == 0:
             return inpt
-        noisy = inpt.as_subclass(torch.Tensor) + params["sigma"] * torch.randn(inpt.shape)
+        noisy = inpt.as_subclass(torch.Tensor) + params["sigma"] * torch.randn(inpt.shape, device=inpt.device)
         return tv_tensors.wrap(noisy.clamp_(0, 1), like=inpt)
 
 
