@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset
-
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from .metrics import IGNORE_INDEX
@@ -37,7 +37,7 @@ class DeviceLoader:
         datasets = _vessel_datasets(dataset)
         self.parts = _parts(dataset)  # which source image each index is
         self.geometry = [geometry_of(ds.transforms) for ds in datasets]
-        steps = datasets[0].transforms.transforms.transforms
+        steps = preset_steps(datasets[0].transforms)
         self.photometric = [t for t in steps if isinstance(t, (RandomPhotometric, RandomNoise))]
         normalize = next(t for t in steps if isinstance(t, v2.Normalize))
         self.crop = self.geometry[0].crop_size
@@ -97,8 +97,6 @@ class DeviceLoader:
         image.mul_(1 / 255).clamp_(0, 1)
         target = sample_nearest_batch(self.targets[rows], maps, [self.sizes[r] for r in rows], self.crop).long()
         if self.photometric:
-            from torchvision import tv_tensors
-
             for k, params in enumerate(looks):
                 one = tv_tensors.Image(image[k])
                 for transform, p in zip(self.photometric, params):
@@ -188,9 +186,14 @@ def fits_on(dataset, device, share=0.5):
     return need <= share * torch.cuda.mem_get_info(device)[0]
 
 
+def preset_steps(preset):
+    """The transforms of a train preset (``transforms.SegmentationPresetTrain``), in order."""
+    return preset.transforms.transforms  # the preset's v2.Compose, and its list
+
+
 def geometry_of(preset):
-    """The ``RandomResizeRotateCrop`` of a crop-first train preset (``transforms.SegmentationPresetTrain``)."""
-    found = [t for t in preset.transforms.transforms if isinstance(t, RandomResizeRotateCrop)]
+    """The ``RandomResizeRotateCrop`` of a crop-first train preset."""
+    found = [t for t in preset_steps(preset) if isinstance(t, RandomResizeRotateCrop)]
     if not found:
         raise ValueError("the device path samples crop-first: build the preset with crop_first=True")
     return found[0]
