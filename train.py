@@ -38,9 +38,9 @@ import src
 from my_dataset import (DATASETS, BalancedSampler, RepeatDataset, SameSizeBatchSampler, VesselDataset, dataset_files,
                         holdout)
 from train_utils import distributed_utils as utils
-from train_utils.checkpoint import (init_weights, load_checkpoint, require_checkpoint_space, resume, safe_load,
-                                   save_epoch)
-from train_utils.device_data import DeviceLoader, fits_on
+from train_utils.checkpoint import (CheckpointWriter, init_weights, load_checkpoint, require_checkpoint_space, resume,
+                                   safe_load, save_epoch)
+from train_utils.device_data import DeviceBatches, DeviceLoader, fits_on, validation_on
 from train_utils.errors import UserError, run_cli
 from train_utils.evaluation import DatasetResults, validate, write_test_metrics
 from train_utils.files import append_text, ensure_writable_folder, remove_new_empty_folders, restart_epoch_log
@@ -226,6 +226,12 @@ def build_data_loaders(s, proc, device):
                         num_workers=min(s.workers, 2), pin_memory=pin, collate_fn=VesselDataset.collate_fn,
                         generator=torch.Generator()))
                    for name, ds in val_parts]
+    if s.data_on_device:
+        val_loaders = [(name, validation_on(loader, device) or loader) for name, loader in val_loaders]
+        left = [name for name, loader in val_loaders if not isinstance(loader, DeviceBatches)]
+        print(f"the validation images are preprocessed once and kept on {device} (--data-on-device)" if not left
+              else f"--data-on-device: the validation images of {', '.join(left)} do not fit in a quarter of "
+                   f"{device}'s free memory; a loader reads them each epoch")
     if not train_parts:
         return None, val_loaders
     parts = [RepeatDataset(ds, s.crops_per_image) if s.crops_per_image > 1 else ds for _, ds in train_parts]
@@ -312,7 +318,8 @@ def main(args):
     # 5. The epochs: train, validate, log, save
     require_checkpoint_space(s.output_dir, model, optimizer, s.save_best, start_epoch)
     log = EpochLog(s.output_dir, utils.is_main_process(), start_epoch, last_epoch, s.epochs, resumed=bool(s.resume))
-    with pictures:  # closes the TensorBoard log when training ends
+    # The pictures close the TensorBoard log when training ends; the writer writes the last checkpoints first.
+    with pictures, CheckpointWriter() as writer:
         for epoch in range(start_epoch, last_epoch):
             if hasattr(train_loader.sampler, "set_epoch"):  # DDP's sampler, BalancedSampler
                 train_loader.sampler.set_epoch(epoch)
@@ -328,7 +335,7 @@ def main(args):
                 record = log.write(epoch, mean_loss, lr, result, epoch_start)
             is_best = result is not None and result.dice > best_dice
             best_dice = max(best_dice, result.dice) if is_best else best_dice
-            save_epoch(s.output_dir, model, optimizer, lr_scheduler, scaler, epoch, best_dice, is_best, s)
+            save_epoch(s.output_dir, model, optimizer, lr_scheduler, scaler, epoch, best_dice, is_best, s, writer)
             if record is not None:
                 pictures.after_epoch(record)
             if is_best:

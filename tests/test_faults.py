@@ -87,6 +87,41 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
 
 
+def test_checkpoints_written_behind_training_hold_the_state_of_their_epoch(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 4, "rng": [(1, (2, 3))]}
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    momentum = optimizer.state_dict()["state"][0]["momentum_buffer"].clone()
+    paths = [tmp_path / "best_model.pth", tmp_path / "checkpoint.pth"]
+    with checkpoint.CheckpointWriter() as writer:
+        writer.write(state, paths)
+        with torch.no_grad():  # the next epoch changes the weights and the momentum in place at once
+            for p in model.parameters():
+                p.add_(1.0)
+            optimizer.state[model.weight]["momentum_buffer"].mul_(0)
+    for path in paths:  # both whole when the block is left, with the weights of the moment write was called
+        saved = torch.load(path, weights_only=True)
+        assert saved["epoch"] == 4 and saved["rng"] == [(1, (2, 3))]
+        assert all(torch.equal(saved["model"][k], v) for k, v in expected.items())
+        assert torch.equal(saved["optimizer"]["state"][0]["momentum_buffer"], momentum)
+    assert sorted(os.listdir(tmp_path)) == ["best_model.pth", "checkpoint.pth"]
+
+
+def test_a_failed_write_behind_training_stops_the_run_at_the_next_save(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk(None))
+    writer = checkpoint.CheckpointWriter()
+    writer.write({"epoch": 0}, [tmp_path / "checkpoint.pth"])
+    with pytest.raises(UserError, match=DISK_FULL):
+        writer.write({"epoch": 1}, [tmp_path / "checkpoint.pth"])  # the error of epoch 0's write
+    with pytest.raises(UserError, match=DISK_FULL):
+        with writer:  # and leaving the block raises the last write's
+            writer.write({"epoch": 2}, [tmp_path / "checkpoint.pth"])
+    assert not os.listdir(tmp_path)
+
+
 def full_disk(write):
     """``write`` failing as on a full disk: half a file, then the error of the ENOSPC (``torch.save`` raises a
     RuntimeError while handling it)."""

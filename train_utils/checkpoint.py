@@ -13,6 +13,7 @@ import pickle
 import pickletools
 import random
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -199,10 +200,12 @@ def resume(checkpoint, path, model, optimizer=None, lr_scheduler=None, scaler=No
     return int(checkpoint["epoch"]) + 1, float(checkpoint.get("best_dice", 0.0))
 
 
-def save_epoch(output_dir, model, optimizer, lr_scheduler, scaler, epoch, best_dice, is_best, settings):
+def save_epoch(output_dir, model, optimizer, lr_scheduler, scaler, epoch, best_dice, is_best, settings,
+               writer=None):
     """Write the epoch's checkpoints: ``checkpoint.pth`` always, ``best_model.pth`` when it is the best
-    (``model_N.pth`` every epoch with ``save_best`` off). Every process calls it; the main one writes.
-    ``settings`` (train_utils.settings.Settings) go in as ``args``: what rebuilds the model and resumes the run."""
+    (``model_N.pth`` every epoch with ``save_best`` off). Every process calls it; the main one writes, now or,
+    with a ``CheckpointWriter``, behind training. ``settings`` (train_utils.settings.Settings) go in as ``args``:
+    what rebuilds the model and resumes the run."""
     rngs = gather_rng_states()  # a collective: every process takes part
     if not utils.is_main_process():
         return
@@ -213,11 +216,68 @@ def save_epoch(output_dir, model, optimizer, lr_scheduler, scaler, epoch, best_d
         state["scaler"] = scaler.state_dict()
     # best_model.pth first: a crash between the two writes then never leaves a
     # checkpoint.pth whose best_dice claims a best model that is not on disk.
+    paths = []
     if settings.save_best and is_best:
-        save_checkpoint(state, os.path.join(output_dir, "best_model.pth"))
+        paths.append(os.path.join(output_dir, "best_model.pth"))
     elif not settings.save_best:
-        save_checkpoint(state, os.path.join(output_dir, f"model_{epoch}.pth"))
-    save_checkpoint(state, os.path.join(output_dir, "checkpoint.pth"))
+        paths.append(os.path.join(output_dir, f"model_{epoch}.pth"))
+    paths.append(os.path.join(output_dir, "checkpoint.pth"))
+    if writer is None:
+        write_checkpoints(state, paths)
+    else:
+        writer.write(state, paths)
+
+
+def write_checkpoints(state, paths):
+    for path in paths:
+        save_checkpoint(state, path)
+
+
+class CheckpointWriter:
+    """Writes the epochs' checkpoints in a thread while the next epoch trains.
+
+    Serialising a checkpoint and waiting for it to reach the disk take the
+    same time however fast the epoch is: on a GPU an epoch can take less. So
+    ``write`` copies the state to the host at once (the training changes the
+    weights in place) and leaves the writing to the thread. One write at a
+    time: the next ``write`` waits for the last, so a failed write (a full
+    disk) stops training there; leaving the ``with`` block waits too, so a
+    run that stops for any reason leaves its last checkpoint whole.
+    """
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self.pending = None
+
+    def write(self, state, paths):
+        self.wait()
+        self.pending = self.pool.submit(write_checkpoints, host_copy(state), paths)
+
+    def wait(self):
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()  # the write's error, if any, is raised here
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown()
+
+
+def host_copy(value):
+    """``value`` (dicts, lists, tuples of tensors and plain values) with every container and tensor copied, the
+    tensors to the CPU: what later changes to the original cannot reach."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: host_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_copy(v) for v in value)
+    return value
 
 
 # Per-parameter state tensors each optimiser keeps, which its checkpoint stores: SGD's momentum buffer, the two

@@ -128,7 +128,8 @@ def _data_flags(data):
     data("--data-on-device", dest="data_on_device", action=argparse.BooleanOptionalAction,
          help="keep the training images in the device's memory and make each batch there: the random resize, "
               "rotation, flips and crop of its crops in one batched resample (crop-first, as --crop-first), "
-              "no loader workers; the same crops as --crop-first for a seed")
+              "no loader workers; the same crops as --crop-first for a seed. The validation images are "
+              "preprocessed once and kept there too")
     data("--base-size", dest="base_size", type=int, metavar="PX", help="random resize of the shorter side to "
          "--scale-range x this (default: the dataset's; drive 565, else the median shorter side of the training "
          "images; 0, the default with --fov-diameter: each image's own shorter side at its working scale)")

@@ -1,5 +1,6 @@
-"""Training batches made on the device (``--data-on-device``): the training images decoded once and kept in the
-device's memory, and each batch's random resize, rotation, flips and crop drawn there as one batched resample.
+"""Batches made on the device (``--data-on-device``): the training images decoded once and kept in the device's
+memory, each batch's random resize, rotation, flips and crop drawn there as one batched resample; and the
+validation images, preprocessed once and kept there too (``DeviceBatches``).
 
 The per-sample pipeline (a ``DataLoader`` over ``VesselDataset`` with the train preset) decodes nothing per
 step either (the dataset caches its images), but it resizes, crops and normalises every crop on the CPU, in
@@ -8,6 +9,7 @@ each sample's geometry is drawn exactly as ``transforms.RandomResizeRotateCrop``
 stream, in the same order), so a seed gives the same crops as the crop-first per-sample path, and the crops
 of a batch are read from the stacked sources by one ``grid_sample`` (image) and one gather (label).
 """
+import itertools
 import math
 
 import torch
@@ -80,29 +82,70 @@ class DeviceLoader:
 
     def make_batch(self, indices):
         """The augmented batch of the dataset's items ``indices``: every draw first, in the per-sample order."""
-        rows, maps, factors, looks = [], [], [], []
+        draws = []
         for index in indices:
             row, geometry = self.source(index)
             h, w = self.sizes[row]
             params = geometry.make_params([torch.empty(0, h, w)])
-            rows.append(row)
-            maps.append(params["map"])
-            factors.append(math.ceil(1 / params["scale"] - 1e-9))
-            looks.append([t.make_params([]) for t in self.photometric])
-        image = torch.empty(len(rows), 3, self.crop, self.crop, device=self.device)
-        for n in sorted(set(factors)):  # one resample per supersampling factor (usually one or two)
-            group = [k for k, f in enumerate(factors) if f == n]
-            image[group] = sample_bilinear_batch(self.images[[rows[k] for k in group]],
-                                                 [maps[k] for k in group], self.crop, n)
+            looks = [t.make_params([]) for t in self.photometric]
+            draws.append((math.ceil(1 / params["scale"] - 1e-9), row, h, w, params["map"], looks))
+        # Sampled in runs of one supersampling factor (usually all alike), then put back in the drawn order.
+        order = sorted(range(len(draws)), key=lambda k: draws[k][0])
+        # What the batch needs from the host goes in one copy that does not wait for the GPU: each sample's map,
+        # source row and size, and where it goes in the batch.
+        table = torch.tensor([[*torch.as_tensor(draws[k][4]).flatten().tolist(), *draws[k][1:4], k] for k in order],
+                             dtype=torch.float64).to(self.device, non_blocking=True)
+        maps, rows, sizes = table[:, :6].view(-1, 2, 3), table[:, 6].long(), table[:, 7:9].long()
+        image = torch.empty(len(draws), 3, self.crop, self.crop, device=self.device)
+        start = 0
+        for n, run in itertools.groupby(draws[k][0] for k in order):
+            end = start + len(list(run))
+            image[start:end] = sample_bilinear_batch(self.images.index_select(0, rows[start:end]), maps[start:end],
+                                                     self.crop, n)
+            start = end
+        target = sample_nearest_batch(self.targets.index_select(0, rows), maps, sizes, self.crop).long()
+        if order != list(range(len(order))):
+            back = torch.empty_like(rows)
+            back[table[:, 9].long()] = torch.arange(len(order), device=self.device)
+            image, target = image.index_select(0, back), target.index_select(0, back)
         image.mul_(1 / 255).clamp_(0, 1)
-        target = sample_nearest_batch(self.targets[rows], maps, [self.sizes[r] for r in rows], self.crop).long()
         if self.photometric:
-            for k, params in enumerate(looks):
+            for k, (*_, looks) in enumerate(draws):
                 one = tv_tensors.Image(image[k])
-                for transform, p in zip(self.photometric, params):
+                for transform, p in zip(self.photometric, looks):
                     one = transform.transform(one, p)
                 image[k] = one.as_subclass(torch.Tensor)
         return image.sub_(self.mean).div_(self.std), target
+
+
+class DeviceBatches:
+    """A validation loader's batches from the device's copy of its images: every item this process validates
+    made once by the dataset's evaluation preset (which draws nothing) and kept on ``device``, then each epoch
+    batched as ``loader`` batches them, with no loader workers and no copy to the device. It keeps the
+    loader's ``dataset`` and ``batch_sampler``, which validation reads for the images' names and order."""
+
+    def __init__(self, loader, items, device):
+        self.dataset, self.batch_sampler, self.collate_fn = loader.dataset, loader.batch_sampler, loader.collate_fn
+        self.items = {i: tuple(t.to(device) for t in item) for i, item in items.items()}
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        for batch in self.batch_sampler:
+            yield self.collate_fn([self.items[i] for i in batch])
+
+
+def validation_on(loader, device, share=0.25):
+    """``loader``'s ``DeviceBatches`` on ``device``, or None where its items would take more than ``share`` of
+    the device's free memory (always on the CPU, where they save each epoch's preprocessing)."""
+    items = {i: loader.dataset[i] for batch in loader.batch_sampler for i in batch}
+    device = torch.device(device)
+    if device.type == "cuda":
+        need = sum(t.numel() * t.element_size() for item in items.values() for t in item)
+        if need > share * torch.cuda.mem_get_info(device)[0]:
+            return None
+    return DeviceBatches(loader, items, device)
 
 
 def _unrepeated(part):
@@ -128,10 +171,17 @@ def _parts(dataset):
     return out
 
 
+def _maps_on(maps, device):
+    """The window maps (a ``[B, 2, 3]`` tensor, or a list of 2 x 3 arrays) as float64 on ``device``."""
+    if isinstance(maps, torch.Tensor):
+        return maps.to(device, torch.float64)
+    return torch.stack([torch.as_tensor(t, dtype=torch.float64) for t in maps]).to(device)
+
+
 def _grid(maps, size, n, height, width, device):
     """``grid_sample``'s grid ``[B, size * n, size * n, 2]`` of the window maps ``maps`` (2 x 3, crop pixel centre
     to source point) over sources ``height`` x ``width``: n x n points spread over each crop pixel."""
-    m = torch.stack([torch.as_tensor(t, dtype=torch.float64) for t in maps]).to(device)
+    m = _maps_on(maps, device)
     u = (torch.arange(size * n, dtype=torch.float64, device=device) + 0.5) / n - 0.5  # crop pixel coordinates
     x = m[:, 0, 0, None, None] * u + m[:, 0, 1, None, None] * u[:, None] + m[:, 0, 2, None, None]
     y = m[:, 1, 0, None, None] * u + m[:, 1, 1, None, None] * u[:, None] + m[:, 1, 2, None, None]
@@ -141,7 +191,7 @@ def _grid(maps, size, n, height, width, device):
 
 
 def sample_bilinear_batch(images, maps, size, n=1):
-    """The ``size`` x ``size`` windows of ``images`` (``[B, C, H, W]``, 0..255) under ``maps``, float32:
+    """The ``size`` x ``size`` windows of ``images`` (``[B, C, H, W]``, 0..255) under ``maps`` (``_maps_on``), float32:
     each pixel the mean of n x n bilinear samples spread over it, 0 beyond the source (as
     ``transforms.sample_bilinear`` reads one window)."""
     b, c, h, w = images.shape
@@ -155,14 +205,14 @@ def sample_bilinear_batch(images, maps, size, n=1):
 def sample_nearest_batch(targets, maps, sizes, size, fill=IGNORE_INDEX):
     """The ``size`` x ``size`` windows of ``targets`` (``[B, H, W]``) under ``maps``: each pixel the source pixel
     whose area holds its centre (as ``transforms.sample_nearest``), ``fill`` beyond each source's own size
-    (``sizes``: height and width of each)."""
+    (``sizes``: height and width of each, ``[B, 2]`` or a list of pairs)."""
     b, h, w = targets.shape
-    m = torch.stack([torch.as_tensor(t, dtype=torch.float64) for t in maps]).to(targets.device)
+    m = _maps_on(maps, targets.device)
     u = torch.arange(size, dtype=torch.float64, device=targets.device)
     x = (m[:, 0, 0, None, None] * u + m[:, 0, 2, None, None]) + m[:, 0, 1, None, None] * u[:, None]
     y = (m[:, 1, 0, None, None] * u + m[:, 1, 2, None, None]) + m[:, 1, 1, None, None] * u[:, None]
     x, y = x.add_(0.5).floor_().long(), y.add_(0.5).floor_().long()
-    limits = torch.tensor(sizes, device=targets.device)
+    limits = torch.as_tensor(sizes, device=targets.device)
     inside = (x >= 0) & (x < limits[:, 1, None, None]) & (y >= 0) & (y < limits[:, 0, None, None])
     index = (y.clamp(0, h - 1) * w + x.clamp(0, w - 1)).view(b, -1)
     out = targets.reshape(b, -1).gather(1, index).view(b, size, size)
