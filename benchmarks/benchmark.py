@@ -5,6 +5,7 @@ and the dice against wall time of the two recipes (``--mode recipes``).
     python benchmarks/benchmark.py --rounds 1 --images 4 --val-images 2       # a quicker look
     python benchmarks/benchmark.py --data-path ROOT            # real images (a folder holding DRIVE/)
     python benchmarks/benchmark.py --configs a b b-glibc       # also train.py with glibc's malloc
+    python benchmarks/benchmark.py --configs b b-device        # train.py's loader against --data-on-device
     python benchmarks/benchmark.py --device cuda --b-args="--amp"            # on a GPU, (b) with AMP
     python benchmarks/benchmark.py --mode allocators           # one training step under each memory allocator
     python benchmarks/benchmark.py --mode precision -b 4 --crop-size 256 --opt adamw   # float32 / bfloat16 step
@@ -107,8 +108,8 @@ def get_args_parser():
     parser.add_argument("--data-path", default=None,
                         help="folder that holds DRIVE/ (default: synthetic 584x565 images in a temp folder)")
     parser.add_argument("--configs", nargs="+", default=["a", "b"],
-                        help="a (tutorial), b (train.py), b-glibc / b-mimalloc / b-tcmalloc (train.py with that "
-                             "UNET_ALLOCATOR)")
+                        help="a (tutorial), b (train.py), b-device (train.py --data-on-device), b-glibc / "
+                             "b-mimalloc / b-tcmalloc (train.py with that UNET_ALLOCATOR)")
     parser.add_argument("--b-args", default="", help="extra train.py flags for every b config, e.g. '--amp'")
     parser.add_argument("--rounds", default=2, type=int, help="interleaved rounds (medians over rounds)")
     parser.add_argument("--epochs", default=None, type=int,
@@ -186,8 +187,10 @@ def epoch_command(config, args, root, epochs, out_dir):
               "--crop-size", str(args.crop_size), "--device", args.device, "--output-dir", out_dir]
     if config == "a":
         return [sys.executable, os.path.join(HERE, "reference.py"), *common], clean_env()
-    allocator = {"b": "auto", "b-glibc": "system", "b-mimalloc": "mimalloc", "b-tcmalloc": "tcmalloc"}[config]
-    argv = [sys.executable, os.path.join(ROOT, "train.py"), *common, "--print-freq", "1000", *args.b_args.split()]
+    allocator = {"b-glibc": "system", "b-mimalloc": "mimalloc", "b-tcmalloc": "tcmalloc"}.get(config, "auto")
+    device_data = ["--data-on-device"] if config == "b-device" else []
+    argv = [sys.executable, os.path.join(ROOT, "train.py"), *common, "--print-freq", "1000", *device_data,
+            *args.b_args.split()]
     return argv, clean_env(UNET_ALLOCATOR=allocator)
 
 
@@ -726,7 +729,7 @@ def main():
         sys.exit("error: --rounds, --steps and --tutorial-epochs must be at least 1, --epochs at least 2")
     if args.mode == "precision" and args.device != "cpu":
         sys.exit("error: --mode precision times CPU steps (bfloat16 autocast on the CPU); leave out --device")
-    unknown = set(args.configs) - {"a", "b", "b-glibc", "b-mimalloc", "b-tcmalloc"}
+    unknown = set(args.configs) - {"a", "b", "b-device", "b-glibc", "b-mimalloc", "b-tcmalloc"}
     if unknown:
         sys.exit(f"error: unknown --configs {sorted(unknown)}")
     sizes = ("" if args.mode in ("recipes", "photos", "compile", "predict")

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Every GPU path of the project on one GPU (about 5 minutes on an H100, 1015 s at most); prints a summary of figures at the end.
+# The project on one GPU, in two parts; each prints its summary at the end.
 #
-#   bash benchmarks/gpu_check.sh                 # uses python3 (with requirements.txt installed)
-#   PYTHON=.venv/bin/python OUT=/tmp/gpu bash benchmarks/gpu_check.sh
-#   DATA=/data/DRIVE-root bash benchmarks/gpu_check.sh   # step 1 on real images (a DRIVE-format root)
+#   DATA=/data/DRIVE-root bash benchmarks/gpu_check.sh speed   # the tutorial's 200 epochs and predict.py (~6 min)
+#   bash benchmarks/gpu_check.sh paths                         # every GPU path once, the cuda tests (~8 min)
+#   bash benchmarks/gpu_check.sh                               # both
+#   PYTHON=.venv/bin/python OUT=/tmp/gpu bash benchmarks/gpu_check.sh speed
 #
+# speed: benchmarks/gpu_speed.py on $DATA (a folder holding DRIVE/; synthetic DRIVE-sized images without it):
+#    "200 epochs: S s, dice D", "GPU busy: B%" for the tutorial's default path and each new one, then
+#    "predict: R photographs/s" on 200 DRIVE-sized photographs, and a profile line per training path
+# paths:
 # 1. --recipe fast (with its AMP, float16 on CUDA) on $DATA, or without it on synthetic DRIVE-sized data
 #    (20 training, 5 test images of 584 x 565): final dice and wall time
 # 2. torchrun on one GPU (NCCL backend) for 2 demo epochs
@@ -13,7 +18,8 @@
 # 5. the benchmark's epochs on synthetic DRIVE-sized data: the tutorial-style run (a) and train.py (b) in
 #    float32, and train.py with AMP (fp16), one round of 1- and 12-epoch runs each
 # 6. the test suite's tests marked cuda (pytest -m cuda; pytest must be installed), with their counts
-# Each step has its own time limit (1015 s in all); a failing step is reported and the others still run.
+# Each step has its own time limit (speed 590 s, paths 1015 s); a failing step is reported and the others
+# still run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -37,6 +43,17 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 }
 
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name(0))" | tee -a "$LOG" || exit 1
+
+PART=${1:-all}
+case $PART in speed|paths|all) ;; *) echo "usage: bash benchmarks/gpu_check.sh [speed|paths|all]" >&2; exit 2 ;; esac
+
+if [ "$PART" != paths ]; then
+    step "speed" 590 "$PY" benchmarks/gpu_speed.py ${DATA:+--data-path "$DATA"} --out "$OUT/speed" \
+        --json "$OUT/speed.json"
+    echo "--- speed summary" | tee -a "$LOG"
+    grep -E "^(200 epochs|GPU busy|predict|profile)" "$LOG" | tee "$OUT/speed_summary.txt"
+    [ "$PART" = speed ] && exit $status
+fi
 
 if [ -n "${DATA:-}" ]; then
     RECIPE_ROOT=$DATA

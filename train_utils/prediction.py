@@ -410,7 +410,7 @@ class PhotoRun:
                 self.table.merge()
         if self.proc.distributed:
             torch.distributed.barrier()  # torchrun stops the others when one exits: not before the files are whole
-        tell(f"predicted {done} image{'s' * (done != 1)} in {seconds:.1f} s" + (f"; {bad} failed" if bad else ""))
+        tell(f"predicted {done} image{'s' * (done != 1)} in {seconds:.2f} s" + (f"; {bad} failed" if bad else ""))
         if self.table is not None:
             n = len(self.inputs) - bad
             tell(f"measurements of {n} image{'s' * (n != 1)}: {self.table.path}")
