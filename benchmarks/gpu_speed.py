@@ -44,6 +44,7 @@ ROOT = os.path.dirname(HERE)
 # train.py flags of each path, on top of the tutorial's recipe (train.py's defaults)
 PATHS = {
     "tutorial": [],
+    "data-on-device": ["--data-on-device"],  # not run by default: the batches alone, validation as the tutorial's
     "device": ["--data-on-device", "--val-batch-size", "20"],
     "device-bf16": ["--data-on-device", "--val-batch-size", "20", "--amp", "--amp-dtype", "bfloat16"],
 }
@@ -60,7 +61,7 @@ def get_args_parser():
     parser.add_argument("--data-path", default=None, help="folder that holds DRIVE/ (default: synthetic images)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--epochs", default=200, type=int, help="the tutorial's 200")
-    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS),
+    parser.add_argument("--paths", nargs="+", default=["tutorial", "device", "device-bf16"], choices=list(PATHS),
                         help="training paths, the first the baseline")
     parser.add_argument("--predicts", nargs="+", default=list(PREDICTS), choices=list(PREDICTS),
                         help="prediction runs, the first the baseline (none: --photos 0)")

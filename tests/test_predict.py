@@ -181,6 +181,26 @@ def test_predicted_classes_against_a_loop():
     assert predicted_classes(probs[:2] / probs[:2].sum(0), None)[0, 0] == 0  # two classes, a tie: background
 
 
+@pytest.mark.parametrize("batch_size,tta", [(1, False), (2, True), (8, False)])
+def test_whole_images_are_the_models_softmax(batch_size, tta):
+    # Images that fit in one tile: per image, the softmax of the model's output for the normalised image
+    # (with tta, its mean over the image and its two flips, each flipped back), in batches of any size.
+    imgs = [synthetic_fundus(120, 110, seed=k)[0] for k in range(3)]
+    model = spread_unet(2, calib=imgs[0]).eval()
+    x = torch.stack([torch.from_numpy(img).permute(2, 0, 1) for img in imgs])
+    probs, tiles = predict_probabilities(model, x, DRIVE_MEAN, DRIVE_STD, tile_size=0, batch_size=batch_size,
+                                         tta=tta)
+    assert tiles == 1 and probs.shape == (3, 2, 120, 110)
+    mean, std = torch.tensor(DRIVE_MEAN).view(3, 1, 1), torch.tensor(DRIVE_STD).view(3, 1, 1)
+    with torch.no_grad():
+        for k in range(3):
+            image = ((x[k].float() / 255 - mean) / std)[None]
+            views = [(), (3,), (2,)] if tta else [()]
+            expected = sum(torch.softmax(model(image.flip(d) if d else image)["out"], 1).flip(d) if d else
+                           torch.softmax(model(image)["out"], 1) for d in views) / len(views)
+            assert torch.allclose(probs[k], expected[0], atol=1e-5)
+
+
 def test_tiled_prediction_matches_whole_image():
     img = synthetic_fundus(200, 190, seed=3)[0]
     model = spread_unet(2, calib=img)

@@ -149,6 +149,11 @@ def predict_probabilities(model, images: torch.Tensor, mean, std, tile_size=1024
     device = next(model.parameters()).device
     n, _, h, w = images.shape
     windows, overlap = tile_grid(h, w, tile_size, tile_overlap, multiple)
+    step = max(1, batch_size)
+    if len(windows) == 1:  # whole images: every blend weight would be 1, so their probabilities as they come
+        parts = [forward_probs(model, _on_device(images[k:k + step], device, mean, std), amp_dtype, tta,
+                               channels_last) for k in range(0, n, step)]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)), 1
 
     def window_weight(y, x, th, tw):  # rebuilt per use: storing one per tile would grow with the image
         wy, wx = blend_weights(y, th, h, overlap), blend_weights(x, tw, w, overlap)
@@ -159,19 +164,22 @@ def predict_probabilities(model, images: torch.Tensor, mean, std, tile_size=1024
         weight_sum[y:y + th, x:x + tw] += window_weight(y, x, th, tw)
     jobs = [(i, y, x, th, tw) for i in range(n) for (y, x, th, tw) in windows]
     acc = None
-    for k in range(0, len(jobs), max(1, batch_size)):
-        chunk = jobs[k:k + max(1, batch_size)]
+    for k in range(0, len(jobs), step):
+        chunk = jobs[k:k + step]
         batch = torch.stack([images[i, :, y:y + th, x:x + tw] for i, y, x, th, tw in chunk])
-        batch = batch.to(device, non_blocking=True)
-        if mean is not None:
-            batch = normalize_image(batch, mean, std)
-        probs = forward_probs(model, batch, amp_dtype, tta, channels_last)
+        probs = forward_probs(model, _on_device(batch, device, mean, std), amp_dtype, tta, channels_last)
         if acc is None:
             acc = torch.zeros(n, probs.shape[1], h, w, device=device)
         for p, (i, y, x, th, tw) in zip(probs, chunk):
             acc[i, :, y:y + th, x:x + tw] += p * window_weight(y, x, th, tw)
     acc /= weight_sum
     return acc, len(windows)
+
+
+def _on_device(batch, device, mean, std):
+    """A batch of images on ``device``, normalised there (``mean`` None: it is already)."""
+    batch = batch.to(device, non_blocking=True)
+    return batch if mean is None else normalize_image(batch, mean, std)
 
 
 # How a prediction made at the working scale goes back to the photograph's size: its probabilities resized
