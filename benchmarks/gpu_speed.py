@@ -9,7 +9,8 @@
     python benchmarks/gpu_speed.py --device cpu --epochs 2 --photos 8 --train-args="--base-c 8 --crop-size 64"
 
 Each training path is train.py with the tutorial's recipe (its defaults: 200 epochs, batches of 4 crops of
-480, SGD, validation of every test image after every epoch), seed 0, plus the path's flags (``PATHS``).
+480, SGD, validation of every test image after every epoch), seed 0, without the pictures (``--no-plots``:
+the tutorial draws none), plus the path's flags (``PATHS``).
 The seconds are train.py's own: ``elapsed`` of the last record of its log.jsonl, the training and
 validation since the first epoch began (start-up not counted); the dice is that last epoch's. GPU busy is
 nvidia-smi's ``utilization.gpu`` sampled every 0.5 s from the end of the first training step to train.py's
