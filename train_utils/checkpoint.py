@@ -13,7 +13,6 @@ import pickle
 import pickletools
 import random
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ import src
 
 from . import distributed_utils as utils
 from .errors import UserError
-from .files import atomic_write, require_free_space
+from .files import Behind, atomic_write, require_free_space
 from .settings import DRIVE_MEAN, DRIVE_STD, MODEL_KEYS
 
 
@@ -233,7 +232,7 @@ def write_checkpoints(state, paths):
         save_checkpoint(state, path)
 
 
-class CheckpointWriter:
+class CheckpointWriter(Behind):
     """Writes the epochs' checkpoints in a thread while the next epoch trains.
 
     Serialising a checkpoint and waiting for it to reach the disk take the
@@ -245,27 +244,8 @@ class CheckpointWriter:
     run that stops for any reason leaves its last checkpoint whole.
     """
 
-    def __init__(self):
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
-        self.pending = None
-
     def write(self, state, paths):
-        self.wait()
-        self.pending = self.pool.submit(write_checkpoints, host_copy(state), paths)
-
-    def wait(self):
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            pending.result()  # the write's error, if any, is raised here
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            self.wait()
-        finally:
-            self.pool.shutdown()
+        self.submit(write_checkpoints, host_copy(state), paths)
 
 
 def host_copy(value):

@@ -224,36 +224,6 @@ def read_ahead(items, read, workers):
             yield item, future.result()
 
 
-class Behind:
-    """Runs each photograph's finishing (outputs, row, line) in one thread behind the network, in order; at
-    most one waits, so at most one full-size prediction is held. ``workers`` 0: at once, in this thread."""
-
-    def __init__(self, workers):
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="write") if workers else None
-        self.pending = None
-
-    def submit(self, fn, *args):
-        if self.pool is None:
-            return fn(*args)
-        self.wait()
-        self.pending = self.pool.submit(fn, *args)
-
-    def wait(self):
-        if self.pending is not None:
-            self.pending.result()  # what failed beyond one photograph (a full disk) stops the run here
-            self.pending = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            self.wait()
-        finally:
-            if self.pool is not None:
-                self.pool.shutdown()
-
-
 def say(line, err=False):
     """A line from any process (under torchrun ``print`` speaks only for the first)."""
     stream = sys.stderr if err else sys.stdout

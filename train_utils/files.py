@@ -1,10 +1,11 @@
-"""Writing files safely: a folder proven writable before long work, writes that never leave half a file, and a
-full disk reported as one line."""
+"""Writing files safely: a folder proven writable before long work, writes that never leave half a file, a
+full disk reported as one line, and writing behind the work that makes the files (``Behind``)."""
 import datetime
 import errno
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 from .errors import UserError
 
@@ -192,3 +193,35 @@ def _kept_name(path):
     while os.path.exists(name):
         name, n = f"{base}-{stamp}-{n}{ext}", n + 1
     return name
+
+
+class Behind:
+    """Runs calls one at a time in a thread behind the caller, in the order given: predict.py's finishing of
+    each photograph (outputs, row, line), train.py's checkpoints. At most one waits: ``submit`` first waits
+    for the last call, and raises what it raised (a full disk stops the caller there), as does leaving the
+    ``with`` block, which waits for the last call. ``workers`` 0: each call at once, in the caller's thread."""
+
+    def __init__(self, workers=1):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="behind") if workers else None
+        self.pending = None
+
+    def submit(self, fn, *args):
+        if self.pool is None:
+            return fn(*args)
+        self.wait()
+        self.pending = self.pool.submit(fn, *args)
+
+    def wait(self):
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()  # the call's error, if any, is raised here
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.wait()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown()

@@ -18,10 +18,10 @@ import src
 from . import distributed_utils as dist_utils
 from .checkpoint import model_from_checkpoint, normalisation
 from .cli import MEASUREMENTS_CSV
-from .cohort import (FAILURE_COLUMNS, FAILURES_CSV, Behind, Progress, RowLog, RunRecord, failure_reason, is_done,
-                     read_ahead, say, share)
+from .cohort import (FAILURE_COLUMNS, FAILURES_CSV, Progress, RowLog, RunRecord, failure_reason, is_done, read_ahead,
+                     say, share)
 from .errors import UserError
-from .files import DiskFullError, atomic_write, nearest_existing
+from .files import Behind, DiskFullError, atomic_write, nearest_existing
 from .imaging import (ARTERY, IMAGE_EXTS, VEIN, check_min_size, fov_scale, palette_image, photo_fov,
                       read_photograph, stem_of)
 from .inference import (check_threshold, inference_model, predict_probabilities, predicted_classes,
