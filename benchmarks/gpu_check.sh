@@ -21,6 +21,8 @@
 # Each step has its own time limit (speed 590 s, paths 1015 s); a failing step is reported and the others
 # still run.
 set -uo pipefail
+PART=${1:-all}
+case $PART in speed|paths|all) ;; *) echo "usage: bash benchmarks/gpu_check.sh [speed|paths|all]" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-$(mktemp -d)}
@@ -44,12 +46,10 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name(0))" | tee -a "$LOG" || exit 1
 
-PART=${1:-all}
-case $PART in speed|paths|all) ;; *) echo "usage: bash benchmarks/gpu_check.sh [speed|paths|all]" >&2; exit 2 ;; esac
-
 if [ "$PART" != paths ]; then
-    step "speed" 590 "$PY" benchmarks/gpu_speed.py ${DATA:+--data-path "$DATA"} --out "$OUT/speed" \
-        --json "$OUT/speed.json"
+    data_args=()
+    [ -n "${DATA:-}" ] && data_args=(--data-path "$DATA")
+    step "speed" 590 "$PY" benchmarks/gpu_speed.py "${data_args[@]}" --out "$OUT/speed" --json "$OUT/speed.json"
     echo "--- speed summary" | tee -a "$LOG"
     grep -E "^(200 epochs|GPU busy|predict|profile)" "$LOG" | tee "$OUT/speed_summary.txt"
     [ "$PART" = speed ] && exit $status
